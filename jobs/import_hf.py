@@ -1,0 +1,98 @@
+"""`raygpt import-hf HF_DIR OUT`: turn a Hugging Face GPT-2 directory into a raygpt checkpoint.
+
+Reads `config.json`, weights from `model.safetensors` (or `pytorch_model.bin`, loaded with
+`weights_only=True`: no arbitrary unpickling), and the tokenizer from `tokenizer.json` or the official
+`vocab.json` + `merges.txt` pair. Nothing is downloaded: HF_DIR must be a local directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import (
+    CheckpointError,
+    build_model,
+    config_from_hf,
+    from_hf_state_dict,
+    save_checkpoint,
+)
+from models.tokenizer import Tokenizer, TokenizerError
+
+
+def _load_weights(src: Path) -> dict[str, torch.Tensor]:
+    st, binf = src / "model.safetensors", src / "pytorch_model.bin"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{st}: unreadable safetensors file ({e})") from None
+    if binf.is_file():
+        try:
+            return torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{binf}: unreadable or not a plain tensor state dict ({e})") from None
+    raise CheckpointError(f"{src}: no model.safetensors or pytorch_model.bin")
+
+
+def _load_tokenizer(src: Path) -> Tokenizer:
+    if (src / "tokenizer.json").is_file():
+        return Tokenizer.from_file(src / "tokenizer.json")
+    if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
+        return Tokenizer.from_gpt2_files(src / "vocab.json", src / "merges.txt")
+    raise CheckpointError(f"{src}: no tokenizer.json and no vocab.json + merges.txt")
+
+
+def import_hf(src: str | Path, dst: str | Path) -> Path:
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory (import-hf reads local directories only)")
+    cfg_file = src / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file}: missing")
+    try:
+        cfg, kind = config_from_hf(json.loads(cfg_file.read_text()), str(cfg_file))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    tok = _load_tokenizer(src)
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"{src}: tokenizer has {tok.vocab_size} tokens but config.json vocab_size={cfg.vocab_size}"
+        )
+    model = build_model(cfg, kind)
+    sd = from_hf_state_dict(_load_weights(src))
+    if kind == "lm" and cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd.get("transformer.wte.weight", torch.empty(0))
+    missing, unexpected = set(model.state_dict()) - set(sd), set(sd) - set(model.state_dict())
+    if missing or unexpected:
+        raise CheckpointError(f"{src}: missing tensors {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise CheckpointError(f"{src}: weights do not match config.json ({e})") from None
+    return save_checkpoint(model.float(), dst, kind=kind, tokenizer=tok)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="raygpt import-hf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("hf_dir", help="local Hugging Face GPT-2 directory")
+    p.add_argument("out", help="raygpt checkpoint directory to write")
+    args = p.parse_args(argv)
+    try:
+        out = import_hf(args.hf_dir, args.out)
+    except (CheckpointError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"imported {args.hf_dir} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
