@@ -8,9 +8,12 @@ Every job module exposes `main(argv: list[str] | None) -> int`. Config-driven jo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from jobs.config import ConfigError, help_lines, load_config, to_dict
@@ -40,6 +43,85 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Subcommands that are not config-driven jobs (they cannot be submitted, tuned or staged in the demo).
+NOT_JOBS = {"submit", "status", "logs", "stop"}
+
+
+@dataclass
+class ResolvedJob:
+    """A job's command line resolved locally, without running it: its config class, the validated config and
+    its `run` function. Built by `resolve_job`, used by `raygpt submit` (validate before submitting) and
+    `raygpt tune` (run trials with changed fields)."""
+
+    command: str
+    module: str
+    cls: type
+    cfg: Any
+    run: Callable[[Any], Any]
+
+
+class _Captured(Exception):  # noqa: N818 - control flow, not an error
+    def __init__(self, cls: type, cfg: Any, run: Callable[[Any], Any]) -> None:
+        super().__init__("captured")
+        self.cls, self.cfg, self.run = cls, cfg, run
+
+
+_capture = False
+
+
+@contextlib.contextmanager
+def _capturing() -> Iterator[None]:
+    global _capture
+    old, _capture = _capture, True
+    try:
+        yield
+    finally:
+        _capture = old
+
+
+def job_module(command: str) -> str:
+    """`pretrain` → `jobs.pretrain`; a dotted module path (`pkg.mod`) is taken as given (custom jobs)."""
+    if command in COMMANDS:
+        if command in NOT_JOBS:
+            raise ConfigError(f"job: {command!r} is not a job (jobs: {', '.join(_job_names())})")
+        return COMMANDS[command][0]
+    if "." in command:
+        return command
+    raise ConfigError(f"job: unknown job {command!r} (jobs: {', '.join(_job_names())})")
+
+
+def _job_names() -> list[str]:
+    return [k for k in COMMANDS if k not in NOT_JOBS]
+
+
+def resolve_job(command: str, argv: list[str] | None = None) -> ResolvedJob:
+    """Parse and validate `raygpt <command> <argv>` exactly as the job would, but start nothing.
+
+    Raises ConfigError naming the field for a bad spec (unknown field, wrong type, failed `validate`),
+    a missing --config file, or a module that is not a config-driven job.
+    """
+    module_name = job_module(command)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"job: module {module_name} of {command!r} cannot be imported ({e})") from None
+    if not callable(getattr(module, "main", None)):
+        raise ConfigError(f"job: {module_name} has no main(argv)")
+    err = io.StringIO()
+    with _capturing(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            module.main(list(argv or []))
+        except _Captured as c:
+            return ResolvedJob(command, module_name, c.cls, c.cfg, c.run)
+        except SystemExit as e:  # argparse: bad flag (its message is in `err`)
+            msg = err.getvalue().strip().splitlines()
+            raise ConfigError(f"{command}: {msg[-1] if msg else f'invalid arguments (exit {e.code})'}") from None
+    msg = err.getvalue().strip()
+    if msg:  # job_main printed "error: <field>: why" and returned 2
+        raise ConfigError(msg.removeprefix("error: "))
+    raise ConfigError(f"job: {module_name}.main does not build its config with jobs.cli.job_main")
+
+
 def job_main(
     cls: type[T],
     run: Callable[[T], Any],
@@ -67,6 +149,8 @@ def job_main(
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if _capture:  # resolve_job: hand the validated config back, run nothing
+        raise _Captured(cls, cfg, run)
     if args.dry_run:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         if plan is not None:

@@ -1,0 +1,172 @@
+"""Jobs on a real `ray start --head` cluster through the Job Submission API: `raygpt submit/status/logs/stop` and
+plain `ray job submit --working-dir . -- python -m jobs.<name>`; a bad spec never reaches the cluster.
+
+The head is started by the test in its own process group with token auth (Ray 2.60's default), a private HOME
+and temp dir, and free ports above 20000 (10002–19999 are Ray's worker ports; other Ray sessions may be running
+on this machine), then ended by its process-group id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 above 20000 (held open together so they differ)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    while len(ports) < n:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        if s.getsockname()[1] > 20000:
+            ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def head():
+    # Short paths: Ray's Unix sockets live under the temp dir (107-byte limit).
+    base = Path(tempfile.mkdtemp(prefix="rgs-", dir="/tmp"))
+    env = {**os.environ, "HOME": str(base / "home"), "RAY_AUTH_MODE": "token",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    (base / "home").mkdir()
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    gcs, dash, client, agent, agent_grpc, metrics, rte, nm, om = _free_ports(9)
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+           f"--runtime-env-agent-port={rte}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+           "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={base / 'ray'}"]
+    log = (base / "head.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        token = (base / "home" / ".ray" / "auth_token").read_text().strip()
+        req = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+        deadline = time.time() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start --head exited {proc.returncode}:\n{(base / 'head.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"head not up after 90 s:\n{(base / 'head.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield {"address": address, "env": env, "base": base}
+    finally:
+        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)  # --block heads ignore a plain TERM to the parent; end the whole group
+                proc.wait(wait_s)
+                break
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                continue
+        log.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _raygpt(head, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=head["env"], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def _job_ids(head) -> list[str]:
+    code = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
+            "print(sorted(j.submission_id for j in C(sys.argv[1]).list_jobs()))")
+    r = subprocess.run([sys.executable, "-c", code, head["address"]], env=head["env"], text=True,
+                       capture_output=True, check=True)
+    return eval(r.stdout.strip().splitlines()[-1])  # a printed list of str ids
+
+
+def test_raygpt_submit_runs_job_and_writes_artifacts(head, tmp_path):
+    out = tmp_path / "tok" / "tokenizer.json"  # absolute: the job's cwd is the uploaded copy of the project
+    r = _raygpt(head, "submit", "--address", head["address"], "--", "tokenizer", "--set", "corpus=pydoc",
+                "--set", "vocab_size=300", "--set", f"out={out}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCEEDED" in r.stdout
+    # the job's own output was streamed back: its JSON stats line
+    stats = json.loads(next(line for line in r.stdout.splitlines() if line.startswith('{"tokenizer"')))
+    assert stats["vocab_size"] == 300 and stats["tokenizer"] == str(out)
+
+    from models.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(out)
+    assert tok.vocab_size == 300
+    assert tok.decode(tok.encode("To be, or not to be")) == "To be, or not to be"
+
+    job_id = next(w for w in r.stdout.split() if w.startswith("raysubmit_"))
+    st = _raygpt(head, "status", job_id, "--address", head["address"])
+    assert st.returncode == 0 and f"{job_id} SUCCEEDED" in st.stdout
+    logs = _raygpt(head, "logs", job_id, "--address", head["address"])
+    assert '"vocab_size": 300' in logs.stdout
+
+
+def test_plain_ray_job_submit_with_working_dir(head, tmp_path):
+    from models.tokenizer import Tokenizer
+
+    from jobs.data import load_texts
+
+    tok_path = Tokenizer.train(load_texts("pydoc"), vocab_size=300).save(tmp_path / "tokenizer.json")
+    out = tmp_path / "data"
+    r = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", ".", "--",
+         "python", "-m", "jobs.prepare", "--set", "corpus=pydoc", "--set", f"tokenizer={tok_path}",
+         "--set", f"out={out}"],
+        env=head["env"], cwd=ROOT, text=True, capture_output=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["train"]["tokens"] > 0 and meta["splits"]["validation"]["tokens"] > 0
+    assert sorted(p.name for p in out.glob("*.parquet"))
+
+
+def test_bad_spec_rejected_before_submission(head):
+    before = _job_ids(head)
+    r = _raygpt(head, "submit", "--address", head["address"], "--", "tokenizer", "--set", "vocab_size=12")
+    assert r.returncode == 2
+    assert "vocab_size" in r.stderr and "nothing submitted" in r.stderr
+    r = _raygpt(head, "submit", "--address", head["address"], "--", "prepare", "--set", "shard_rowz=3")
+    assert r.returncode == 2 and "shard_rowz: unknown field" in r.stderr
+    assert _job_ids(head) == before  # the cluster never saw either
+
+
+def test_stop_and_status(head, tmp_path):
+    # A job that would run for minutes: the Shakespeare plays with a large vocabulary.
+    r = _raygpt(head, "submit", "--no-wait", "--address", head["address"], "--", "tokenizer",
+                "--set", "vocab_size=30000", "--set", f"out={tmp_path / 'big.json'}")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.split()[-1]
+    assert _raygpt(head, "stop", job_id, "--address", head["address"]).returncode == 0
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        st = _raygpt(head, "status", job_id, "--address", head["address"]).stdout
+        if "STOPPED" in st:
+            break
+        time.sleep(1)
+    assert f"{job_id} STOPPED" in st
+    assert not (tmp_path / "big.json").exists()
