@@ -1,0 +1,817 @@
+"""The training engine shared by pretraining, SFT and the reward model: Ray Train workers running DeepSpeed.
+
+A job supplies a model and a per-micro-batch loss; the engine supplies everything else — the Ray Train launch,
+the torch.distributed world (FileStore rendezvous on one machine), the DP × TP × PP topology, the DeepSpeed
+engine (ZeRO 0–3, gradient accumulation, clipping, AdamW, warmup + cosine LR; fp32 on CPU, bf16 on GPU),
+exact-resume checkpoints through `ray.train.report`, and the export of the final model as an HF GPT-2 directory.
+
+Driver side (the job's `run(cfg)`):
+
+    parallel.validate(); parallel.check_model(model_cfg)          # bad layouts fail before any worker starts
+    result = launch(train_loop, {"cfg": cfg, ...}, parallel, run_dir, max_failures=cfg.failure.max_failures,
+                    name="trainer_state", keep=cfg.checkpoint.keep)
+    # metrics.jsonl in run_dir is written from the workers' reports (MetricsCallback) with a progress bar.
+
+Worker side (`train_loop(loop_config)`, runs on every rank):
+
+    ctx = init_worker(parallel, seed)                  # topology, TP/DP/PP groups, device, threads, seeds
+    model = GPT(model_cfg)                             # same seed on every rank → identical initial weights
+    engine = build_engine(model, optim, parallel, ctx, resume_from=cfg.checkpoint.resume_from)
+    # engine.state.step is 0, or the restored step (Ray's latest checkpoint after a failure, else resume_from)
+    for step in range(engine.state.step, optim.max_steps):
+        batch = {...}                                  # this DP rank's (micro_batch_size · grad_accum) rows
+        metrics = engine.train_step(batch, loss_fn, tokens=n)   # loss_fn(model, micro_batch) -> (loss, metrics)
+        engine.report(metrics, checkpoint=due)         # every rank saves, barrier, ray.train.report
+    engine.export(run_dir / "checkpoint", tokenizer=...)   # gathers ZeRO-3 shards / TP shards / pipeline stages
+
+`Engine` wraps the DeepSpeed engine (`engine.ds`) and forwards unknown attributes to it, so
+`engine.backward(loss)`, `engine.step()`, `engine.module` work as on a DeepSpeed engine.
+
+Loss functions. `loss_fn(model, micro_batch) -> (loss, metrics)` where `model` is callable like the wrapped
+module (it is the DeepSpeed engine) and `micro_batch` a dict of tensors already on the device; metrics are 0-d
+tensors, averaged over micro-batches and data-parallel ranks. `lm_loss_fn` is the LM objective for batches
+{"input_ids", "targets", optional "loss_mask"} (pretraining and SFT). Pipeline parallelism runs only the LM
+objective on GPT models: DeepSpeed's PipelineModule owns the forward pass, so the engine feeds it
+(input_ids, (targets, loss_mask)) and computes `models.losses.lm_loss` on the last stage.
+
+Exact resume. A checkpoint holds the DeepSpeed state (weights, optimizer, LR schedule), each rank's RNG state
+and `trainer_state.json` (step, tokens, samples, the job's `extra` dict, the topology). Jobs derive the data
+position from the step (`TokenDataset.batch_at(step, …)`), so N steps = N/2 steps + resume + N/2 steps. A
+checkpoint saved at a different data-parallel size is converted to a DeepSpeed universal checkpoint first
+(ZeRO partitions depend on the DP size); RNG and the data order then differ, so that resume is not bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from jobs.config import ConfigError, field
+
+Batch = dict[str, Tensor]
+LossFn = Callable[[Any, Batch], tuple[Tensor, dict[str, Tensor]]]
+STATE_FILE = "trainer_state.json"
+DS_TAG = "ds"
+
+
+# --- typed config sections ------------------------------------------------------------------------------------
+@dataclass
+class OptimConfig:
+    """AdamW + warmup/cosine schedule + batch shape (per data-parallel rank)."""
+
+    lr: float = field(6e-4, help="peak learning rate (after warmup)")
+    min_lr_ratio: float = field(0.1, help="cosine decays to lr·min_lr_ratio at max_steps (GPT-3 §B: 10%)")
+    warmup_steps: int = field(10, help="linear warmup over this many optimizer steps")
+    max_steps: int = field(100, help="optimizer steps in the run (the cosine reaches its floor here)")
+    weight_decay: float = field(0.1, help="AdamW decoupled weight decay on matrices (not biases/LayerNorm)")
+    betas: list[float] = field([0.9, 0.95], help="AdamW (beta1, beta2)")
+    eps: float = field(1e-8, help="AdamW epsilon")
+    grad_clip: float = field(1.0, help="clip the global gradient norm to this (0 = off)")
+    micro_batch_size: int = field(8, help="sequences per micro-batch per data-parallel rank")
+    grad_accum: int = field(1, help="micro-batches accumulated per optimizer step (pipeline: micro-batches in flight)")
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_steps < 1:
+            raise ConfigError(f"max_steps: must be ≥ 1, got {self.max_steps}")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ConfigError(f"warmup_steps: must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas: need two values in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            raise ConfigError("weight_decay/grad_clip/eps: must be ≥ 0 (eps > 0)")
+        for name in ("micro_batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ParallelConfig:
+    """Workers and the DP × TP × PP layout (world = num_workers = data · tensor · pipeline)."""
+
+    num_workers: int = field(1, help="Ray Train workers = torch.distributed world size (max when elastic)")
+    min_workers: int | None = field(None, help="elastic: Ray Train may run with min_workers..num_workers "
+                                               "(data parallel only; tensor = pipeline = 1)")
+    use_gpu: bool = field(False, help="one GPU per worker, nccl, bf16 (CPU: gloo, fp32)")
+    cpus_per_worker: int = field(1, help="CPUs reserved per worker = torch threads per worker on CPU")
+    tensor: int = field(1, help="tensor-parallel degree (Megatron column/row-parallel layers)")
+    pipeline: int = field(1, help="pipeline stages (DeepSpeed PipelineModule; grad_accum micro-batches in flight)")
+    pipeline_partition: str = field("parameters", help="pipeline stage balance: 'parameters', 'uniform' "
+                                                       "(layers) or 'type:Block'")
+    zero_stage: int = field(1, help="DeepSpeed ZeRO stage 0-3 (2 and 3 are refused with pipeline > 1)")
+    precision: Literal["auto", "fp32", "bf16"] = field("auto", help="auto = bf16 on GPU, fp32 on CPU")
+    rendezvous: Literal["auto", "file", "tcp"] = field(
+        "auto", help="torch.distributed rendezvous: auto = FileStore on a one-node cluster, else TCPStore")
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"num_workers: must be ≥ 1, got {self.num_workers}")
+        if self.cpus_per_worker < 1:
+            raise ConfigError(f"cpus_per_worker: must be ≥ 1, got {self.cpus_per_worker}")
+        if self.tensor < 1 or self.pipeline < 1:
+            raise ConfigError(f"tensor/pipeline: must be ≥ 1, got {self.tensor}/{self.pipeline}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.pipeline > 1 and self.zero_stage > 1:
+            raise ConfigError(
+                f"zero_stage: ZeRO-{self.zero_stage} cannot be combined with pipeline={self.pipeline} (DeepSpeed "
+                "refuses ZeRO-2/3 with pipeline parallelism: gradients and parameters would be partitioned "
+                "across data-parallel ranks while stages exchange activations); use zero_stage 0 or 1")
+        if self.precision == "bf16" and not self.use_gpu:
+            pass  # allowed: bf16 works on CPU, only slower (docs/PRETRAIN.md)
+        if self.num_workers % (self.tensor * self.pipeline):
+            raise ConfigError(
+                f"num_workers: world size {self.num_workers} is not divisible by tensor × pipeline = "
+                f"{self.tensor} × {self.pipeline} = {self.tensor * self.pipeline}")
+        if self.min_workers is not None:
+            if not 1 <= self.min_workers <= self.num_workers:
+                raise ConfigError(f"min_workers: must be in [1, num_workers={self.num_workers}], got "
+                                  f"{self.min_workers}")
+            if self.min_workers < self.num_workers and (self.tensor > 1 or self.pipeline > 1):
+                raise ConfigError("min_workers: elastic training is data-parallel only (tensor = pipeline = 1); "
+                                  "a changing world would break the tensor/pipeline layout")
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    def data_parallel(self, world_size: int | None = None) -> int:
+        return (world_size or self.num_workers) // (self.tensor * self.pipeline)
+
+    def check_model(self, cfg: Any) -> None:
+        """Model shape vs layout (`cfg` a models.config.GPTConfig): every rule that would otherwise fail inside
+        a worker, raised here as ConfigError naming the field."""
+        tp = self.tensor
+        if tp > 1:
+            if cfg.n_head % tp:
+                raise ConfigError(f"parallel.tensor: model n_head={cfg.n_head} is not divisible by tensor={tp} "
+                                  "(tensor parallelism splits attention by heads)")
+            if cfg.inner_dim % tp:
+                raise ConfigError(f"parallel.tensor: MLP width {cfg.inner_dim} is not divisible by tensor={tp}")
+            if cfg.vocab_size % tp:
+                raise ConfigError(f"parallel.tensor: vocab_size={cfg.vocab_size} is not divisible by tensor={tp} "
+                                  "(the embedding and LM head are split by vocabulary rows)")
+        if self.pipeline > cfg.n_layer:
+            raise ConfigError(f"parallel.pipeline: {self.pipeline} stages but the model has only "
+                              f"{cfg.n_layer} layers")
+
+
+@dataclass
+class CheckpointConfig:
+    """Exact-resume checkpoints (DeepSpeed state + RNG + data position) through Ray Train."""
+
+    every_n_steps: int = field(50, help="save a checkpoint every N optimizer steps (and at the end)")
+    keep: int = field(2, help="checkpoints kept by Ray Train (older ones are deleted)")
+    resume_from: str | None = field(None, help="a checkpoint directory of an earlier run "
+                                               "(runs/<name>/trainer_state/step-…) to continue from")
+
+    def validate(self) -> None:
+        if self.every_n_steps < 1:
+            raise ConfigError(f"every_n_steps: must be ≥ 1, got {self.every_n_steps}")
+        if self.keep < 1:
+            raise ConfigError(f"keep: must be ≥ 1, got {self.keep}")
+        if self.resume_from is not None and not (Path(self.resume_from) / STATE_FILE).is_file():
+            raise ConfigError(f"resume_from: {self.resume_from} is not a raygpt checkpoint (no {STATE_FILE})")
+
+
+@dataclass
+class FailureConfig:
+    """Worker fault tolerance."""
+
+    max_failures: int = field(1, help="restart from the latest checkpoint this many times after a worker "
+                                      "failure (-1 = forever)")
+
+
+# --- worker setup ---------------------------------------------------------------------------------------------
+@dataclass
+class WorkerContext:
+    """This worker's place in the world (inside a Ray Train worker)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    parallel: ParallelConfig
+    topology: Any  # cluster.distributed.Topology
+    groups: Any  # cluster.distributed.ParallelState (DeepSpeed mpu)
+    seed: int
+
+    @property
+    def dp_rank(self) -> int:
+        return self.groups.data_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.topology.dp
+
+
+def init_worker(parallel: ParallelConfig, seed: int = 0) -> WorkerContext:
+    """Topology + process groups + device + threads + the init seed (identical on all ranks)."""
+    import torch.distributed as dist
+
+    from cluster.distributed import ParallelState, Topology
+
+    if not dist.is_initialized():
+        raise RuntimeError("init_worker: call inside a Ray Train worker (torch.distributed is not initialised)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    topology = Topology.from_world(world, parallel.tensor, parallel.pipeline)
+    groups = ParallelState(topology)
+    if parallel.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(parallel.cpus_per_worker)
+    torch.manual_seed(seed)  # identical initial weights everywhere (TP shards and pipeline stages cut one model)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return WorkerContext(rank, world, local_rank, device, parallel, topology, groups, seed)
+
+
+def _dropout_seed(seed: int, data_rank: int, pipe_rank: int) -> int:
+    # Data-parallel replicas see different data and need different dropout masks; tensor-parallel peers share
+    # the seed because the dropout after their all-reduce acts on a replicated tensor and must agree.
+    return (seed * 1_000_003 + data_rank * 7919 + pipe_rank * 104_729 + 1) % (2**63 - 1)
+
+
+# --- the engine ------------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Counters that make a resume exact; `extra` is the job's own (JSON) state."""
+
+    step: int = 0  # optimizer steps completed; the data position of pretraining
+    tokens: int = 0  # tokens trained on, all ranks together
+    samples: int = 0  # sequences trained on, all ranks together
+    extra: dict[str, Any] = dc_field(default_factory=dict)
+
+
+def lm_loss_fn(model: Any, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+    """The LM objective: batch {"input_ids" (B, T), "targets" (B, T), optional "loss_mask" (B, T)}."""
+    from models.losses import lm_loss
+
+    return lm_loss(model(batch["input_ids"]), batch["targets"], batch.get("loss_mask")), {}
+
+
+def _pipe_lm_loss(logits: Tensor, labels: Tensor | tuple[Tensor, ...]) -> Tensor:
+    from models.losses import lm_loss
+
+    if isinstance(labels, (tuple, list)):
+        return lm_loss(logits, labels[0], labels[1] if len(labels) > 1 else None)
+    return lm_loss(logits, labels)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Decay matrices only (GPT-3 §B / nanoGPT): biases and LayerNorm gains are not decayed.
+    seen, decay, no_decay = set(), [], []
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(optim: OptimConfig, parallel: ParallelConfig, dp_size: int, bf16: bool,
+                     load_universal: bool = False) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0  # partition every parameter (what ZeRO-3 promises)
+    return {
+        "train_micro_batch_size_per_gpu": optim.micro_batch_size,
+        "gradient_accumulation_steps": optim.grad_accum,
+        "train_batch_size": optim.micro_batch_size * optim.grad_accum * dp_size,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer (ENVIRONMENT.md)
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+
+
+def _ray_checkpoint_dir(resume_from: str | None) -> tuple[Any, str | None]:
+    """(Ray checkpoint or None, local directory or None): Ray's latest checkpoint of this run wins (a restart
+    after a failure), else `resume_from`."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        return ckpt, None
+    return None, resume_from
+
+
+class Engine:
+    """A DeepSpeed engine plus the state a resume needs; see the module docstring."""
+
+    def __init__(self, ds: Any, ctx: WorkerContext, optim: OptimConfig, model_cls: type, model_cfg: Any,
+                 state: TrainState, pipeline: bool) -> None:
+        self.ds, self.ctx, self.optim = ds, ctx, optim
+        self.model_cls, self.model_cfg = model_cls, model_cfg
+        self.state = state
+        self.pipeline = pipeline
+
+    def __getattr__(self, name: str) -> Any:  # behave like the DeepSpeed engine for everything else
+        return getattr(self.__dict__["ds"], name)
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.optimizer.param_groups[0]["lr"]) if not self.pipeline else \
+            float(self.ds.get_lr()[0])
+
+    # -- training -------------------------------------------------------------------------------------------
+    def _micro_batches(self, batch: Batch) -> list[Batch]:
+        mbs, ga = self.optim.micro_batch_size, self.optim.grad_accum
+        out = []
+        for k, v in batch.items():
+            if v.shape[0] != mbs * ga:
+                raise ValueError(f"batch[{k!r}]: {v.shape[0]} rows, expected micro_batch_size × grad_accum = "
+                                 f"{mbs} × {ga}")
+        for i in range(ga):
+            out.append({k: torch.as_tensor(v[i * mbs:(i + 1) * mbs]).to(self.ctx.device) for k, v in batch.items()})
+        return out
+
+    def train_step(self, batch: Batch, loss_fn: LossFn = lm_loss_fn, tokens: int | None = None) -> dict[str, float]:
+        """One optimizer step on this rank's `batch` (micro_batch_size · grad_accum rows). Returns the loss and
+        the loss_fn metrics averaged over micro-batches and data-parallel ranks, plus lr and grad_norm.
+        `tokens`: tokens this rank trained on (default: numel of batch["input_ids"]), summed over DP ranks."""
+        lr = self.lr
+        micro = self._micro_batches(batch)
+        self.ds.train()
+        if self.pipeline:
+            loss = self.ds.train_batch(iter(_pipe_items(micro)))
+            sums: dict[str, Tensor] = {"loss": loss.detach().float().reshape(())}
+            reduce_names: list[str] = []  # DeepSpeed already averaged the pipeline loss over DP ranks
+        else:
+            sums = {}
+            for mb in micro:
+                loss, metrics = loss_fn(self.ds, mb)
+                self.ds.backward(loss)
+                self.ds.step()
+                for k, v in {"loss": loss, **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / len(micro)
+            reduce_names = list(sums)
+        out = self._dp_mean(sums, reduce_names)
+        rows = next(iter(batch.values())).shape[0]
+        n_tokens = tokens if tokens is not None else int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+        self.state.step += 1
+        self.state.tokens += n_tokens * self.ctx.dp_size
+        self.state.samples += rows * self.ctx.dp_size
+        norm = self.ds.get_global_grad_norm() if hasattr(self.ds, "get_global_grad_norm") else None
+        out["lr"] = lr
+        if norm is not None:
+            out["grad_norm"] = float(norm)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch], loss_fn: LossFn = lm_loss_fn) -> dict[str, float]:
+        """Mean loss (and loss_fn metrics) over `batches` (each micro_batch_size · grad_accum rows under
+        pipeline parallelism), averaged over data-parallel ranks."""
+        self.ds.eval()
+        sums: dict[str, Tensor] = {}
+        for batch in batches:
+            if self.pipeline:
+                loss = self.ds.eval_batch(iter(_pipe_items(self._micro_batches(batch))))
+                values = {"loss": loss}
+            else:
+                b = {k: torch.as_tensor(v).to(self.ctx.device) for k, v in batch.items()}
+                loss, metrics = loss_fn(self.ds, b)
+                values = {"loss": loss, **metrics}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float().reshape(()) / len(batches)
+        self.ds.train()
+        return self._dp_mean(sums, [] if self.pipeline else list(sums))
+
+    def _dp_mean(self, values: dict[str, Tensor], names: list[str]) -> dict[str, float]:
+        import torch.distributed as dist
+
+        out = {k: float(v) for k, v in values.items()}
+        if names and self.ctx.dp_size > 1:
+            t = torch.stack([values[k].to(self.ctx.device) for k in names])
+            dist.all_reduce(t, group=self.ctx.groups.dp_group)
+            out.update({k: float(x) / self.ctx.dp_size for k, x in zip(names, t.tolist())})
+        return out
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Collective: DeepSpeed state + this rank's RNG (+ trainer_state.json on rank 0) into `directory`."""
+        directory = Path(directory)
+        self.ds.save_checkpoint(str(directory), tag=DS_TAG)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.ctx.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
+        torch.save(rng, directory / f"rng-{self.ctx.rank:05d}.pt")
+        if self.ctx.rank == 0:
+            topo = self.ctx.topology
+            data = {**asdict(self.state), "world_size": self.ctx.world_size,
+                    "topology": {"data": topo.dp, "tensor": topo.tp, "pipeline": topo.pp},
+                    "zero_stage": self.ctx.parallel.zero_stage, "model": _model_fingerprint(self.model_cfg)}
+            _write_json(directory / STATE_FILE, data)
+
+    def report(self, metrics: dict[str, Any], checkpoint: bool = False) -> None:
+        """`ray.train.report` from every rank (a barrier); with checkpoint=True every rank first saves its part
+        into a local directory that Ray Train merges into `trainer_state/step-XXXXXXXX/`."""
+        import ray.train
+        import torch.distributed as dist
+
+        metrics = {"step": self.state.step, "tokens": self.state.tokens, **metrics}
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f"raygpt-ckpt-{self.ctx.rank}-"))
+        try:
+            self.save(tmp)
+            dist.barrier()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                             checkpoint_dir_name=f"step-{self.state.step:08d}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _load(self, directory: Path, saved: dict[str, Any]) -> None:
+        self.ds.load_checkpoint(str(directory), tag=DS_TAG, load_optimizer_states=True,
+                                load_lr_scheduler_states=True)
+        same_world = saved.get("world_size") == self.ctx.world_size
+        rng_file = directory / f"rng-{self.ctx.rank:05d}.pt"
+        if same_world and rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.ctx.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
+
+    # -- export ---------------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        """Collective: the whole model's state dict in models/ naming (fp32, CPU) on rank 0, None elsewhere.
+        Gathers ZeRO partitions (fp32 master weights), tensor-parallel shards and pipeline stages."""
+        import torch.distributed as dist
+
+        local = self._local_full_params()  # this pipeline stage, TP-gathered, on every rank of the stage
+        g = self.ctx.groups
+        contribute = g.data_rank == 0 and g.tensor_rank == 0
+        parts: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(parts, local if contribute else None)
+        if self.ctx.rank != 0:
+            return None
+        merged: dict[str, Tensor] = {}
+        for p in parts:
+            if p:
+                merged.update(p)
+        return merged
+
+    def _local_full_params(self) -> dict[str, Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.ds.module
+        sd: dict[str, Tensor] = {}
+        for name, p in module.named_parameters():
+            full = safe_get_full_fp32_param(p)  # collective under ZeRO; None for plain (ZeRO-0 fp32) params
+            sd[name] = (full if full is not None else p.detach()).float().cpu().clone()
+        for name, b in module.named_buffers():
+            sd[name] = b.detach().float().cpu().clone()
+        if self.pipeline:
+            from models.pipeline import stage_state_dict
+
+            sd = stage_state_dict(module, sd)
+        if self.ctx.topology.tp > 1:
+            from models.parallel import gather_state_dict
+
+            sd = gather_state_dict(sd, self.model_cfg, self.ctx.groups.tp_group, self.ctx.topology.tp,
+                                   device=self.ctx.device)
+        return sd
+
+    def export(self, path: str | Path, tokenizer: Any = None, kind: str | None = None,
+               extra: dict[str, Any] | None = None) -> Path | None:
+        """Collective: write the full model as an HF GPT-2 directory at `path` (rank 0 writes; others return
+        None). The model is rebuilt unsharded from `model_cls(model_cfg)` and checked to load strictly."""
+        from models.checkpoint import save_checkpoint
+
+        sd = self.full_state_dict()
+        if self.ctx.rank != 0:
+            return None
+        model = self.model_cls(self.model_cfg)
+        if getattr(self.model_cfg, "tie_embeddings", False) and "lm_head.weight" not in sd and \
+                hasattr(model, "lm_head"):
+            sd["lm_head.weight"] = sd["transformer.wte.weight"]
+        model.load_state_dict(sd, strict=True)
+        return save_checkpoint(model, path, kind=kind, tokenizer=tokenizer, extra=extra)
+
+
+def _pipe_items(micro: list[Batch]) -> list[tuple[Tensor, Any]]:
+    items = []
+    for mb in micro:
+        labels = (mb["targets"], mb["loss_mask"]) if "loss_mask" in mb else mb["targets"]
+        items.append((mb["input_ids"], labels))
+    return items
+
+
+def _model_fingerprint(cfg: Any) -> dict[str, Any]:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig, ctx: WorkerContext,
+                 resume_from: str | None = None) -> Engine:
+    """DeepSpeed engine for `model` (a GPT, or any module with `.config`; pipeline only for GPT), restored from
+    Ray's latest checkpoint of this run (after a failure) or from `resume_from`. Call on every rank."""
+    import deepspeed
+    import deepspeed.ops
+
+    from models.schedules import warmup_cosine
+
+    # Only inference uses shm_comm; skipping its 92 s JIT build (ENVIRONMENT.md).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    model_cls, model_cfg = type(model), model.config
+    parallel.check_model(model_cfg)
+
+    restore_dir, saved, ray_ckpt_ctx = _find_restore(resume_from)
+    load_universal = False
+    if saved is not None:
+        _check_compatible(saved, model_cfg, ctx)
+        if saved["topology"]["data"] != ctx.dp_size and saved.get("zero_stage", 0) > 0:
+            restore_dir = _to_universal(restore_dir, ctx)
+            load_universal = True
+
+    if ctx.topology.tp > 1:
+        from models.parallel import shard_model
+
+        shard_model(model, ctx.groups.tp_group, ctx.groups.tensor_rank, ctx.topology.tp)
+    pipeline = ctx.topology.pp > 1
+    if pipeline:
+        from models.pipeline import to_pipeline
+
+        model = to_pipeline(model, ctx.topology, _pipe_lm_loss, ctx.parallel.pipeline_partition,
+                            tp_group=ctx.groups.tp_group if ctx.topology.tp > 1 else None)
+    bf16 = parallel.precision == "bf16" or (parallel.precision == "auto" and parallel.use_gpu)
+    model.to(ctx.device)
+    opt = torch.optim.AdamW(_param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
+                            eps=optim.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, 1.0, optim.warmup_steps, optim.max_steps, optim.min_lr_ratio))
+    ds, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, mpu=ctx.groups if not pipeline else None,
+        config=deepspeed_config(optim, parallel, ctx.dp_size, bf16, load_universal))
+    torch.manual_seed(_dropout_seed(ctx.seed, ctx.dp_rank, ctx.groups.pipe_rank))
+    state = TrainState()
+    engine = Engine(ds, ctx, optim, model_cls, model_cfg, state, pipeline)
+    if saved is not None:
+        engine._load(Path(restore_dir), saved)
+        engine.state = TrainState(step=saved["step"], tokens=saved["tokens"], samples=saved["samples"],
+                                  extra=saved.get("extra", {}))
+    if ray_ckpt_ctx is not None:
+        ray_ckpt_ctx.__exit__(None, None, None)
+    if load_universal and ctx.local_rank == 0:
+        import torch.distributed as dist
+
+        dist.barrier()
+        shutil.rmtree(restore_dir, ignore_errors=True)
+    elif load_universal:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return engine
+
+
+def _find_restore(resume_from: str | None) -> tuple[str | None, dict[str, Any] | None, Any]:
+    ckpt, local = _ray_checkpoint_dir(resume_from)
+    ctx_manager = None
+    if ckpt is not None:
+        ctx_manager = ckpt.as_directory()
+        local = ctx_manager.__enter__()
+    if local is None:
+        return None, None, None
+    state_file = Path(local) / STATE_FILE
+    if not state_file.is_file():
+        raise ConfigError(f"checkpoint.resume_from: {local} has no {STATE_FILE}")
+    return str(local), json.loads(state_file.read_text()), ctx_manager
+
+
+def _check_compatible(saved: dict[str, Any], model_cfg: Any, ctx: WorkerContext) -> None:
+    fp = _model_fingerprint(model_cfg)
+    if saved.get("model") and fp and saved["model"] != fp:
+        diff = sorted(k for k in fp if saved["model"].get(k) != fp[k])
+        raise ConfigError(f"checkpoint: saved model differs from the configured one in {diff} "
+                          "(use a new run name or matching model settings)")
+    topo = saved["topology"]
+    if (topo["tensor"], topo["pipeline"]) != (ctx.topology.tp, ctx.topology.pp):
+        raise ConfigError(f"checkpoint: saved with tensor={topo['tensor']}, pipeline={topo['pipeline']}; this run "
+                          f"has tensor={ctx.topology.tp}, pipeline={ctx.topology.pp} (only the data-parallel "
+                          "size may change on resume)")
+
+
+def _to_universal(directory: str, ctx: WorkerContext) -> str:
+    """Convert a ZeRO checkpoint saved at another DP size into DeepSpeed's universal format (one conversion per
+    node, by its local rank 0), returning the directory to load with `load_universal`."""
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    out = Path(tempfile.gettempdir()) / f"raygpt-universal-{abs(hash(directory)) % 10**12}"
+    if ctx.local_rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(Path(directory) / DS_TAG), "--output_folder", str(out / DS_TAG),
+                        "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                       check=True, capture_output=True)
+        if (Path(directory) / STATE_FILE).is_file():
+            shutil.copy(Path(directory) / STATE_FILE, out / STATE_FILE)
+    dist.barrier()
+    return str(out)
+
+
+# --- throughput and MFU ----------------------------------------------------------------------------------------
+def flops_per_token(cfg: Any, seq_len: int) -> float:
+    """Training FLOPs per token, forward + backward = 3 × forward (PaLM, Chowdhery et al. 2022, App. B):
+    6·N for the matmul parameters N (non-embedding weights + the V·C LM head, which is a matmul even when
+    tied; the position/token lookups are not) plus 12·L·C·T for the attention scores and weighted sum."""
+    n_matmul = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.n_embd
+    return 6.0 * n_matmul + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
+                       seconds: float = 0.5) -> float:
+    """Achievable matmul FLOP/s of this device/thread budget: timed n×n @ n×n products (the denominator of MFU
+    when no peak is configured — a measured peak, so MFU here is relative to what a plain matmul attains)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    sync()
+    return 2.0 * n**3 * iters / (time.perf_counter() - t0)
+
+
+# --- driver side: launch + metrics ----------------------------------------------------------------------------
+def _single_node() -> bool:
+    import ray
+
+    return len([n for n in ray.nodes() if n.get("Alive")]) <= 1
+
+
+def metrics_callback(run_dir: str) -> Any:
+    """Ray Train callback (runs in the Train controller): rank 0's report → one row of run_dir/metrics.jsonl.
+
+    A restart after a worker failure replays the steps after the restored checkpoint; their old rows are dropped
+    (the file is rewritten up to the restored step, tmp + rename) so every step appears once, with the values
+    of the attempt that counted."""
+    from ray.train import UserCallback
+
+    class MetricsCallback(UserCallback):
+        def __init__(self) -> None:
+            self.writer: Any = None
+            self.last_step = -1
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            from jobs.runs import MetricsWriter
+
+            row = dict(metrics[0]) if metrics else {}
+            step = row.pop("step", None)
+            if step is None:
+                return
+            if self.writer is None:
+                self.writer = MetricsWriter(run_dir)
+                self.last_step = max([-1, *(r.get("step", -1) for r in _read_rows(self.writer.path))])
+            if step <= self.last_step:  # replay after a restore: forget the superseded rows
+                self.writer.close()
+                _truncate_rows(Path(run_dir) / "metrics.jsonl", step)
+                self.writer = MetricsWriter(run_dir)
+            self.writer.write(step, **row)
+            self.last_step = step
+
+    return MetricsCallback()
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_rows(path: Path, step: int) -> None:
+    keep = [r for r in _read_rows(path) if r.get("step", -1) < step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    tmp.replace(path)
+
+
+class Progress:
+    """Driver-side progress bar: tails metrics.jsonl while `trainer.fit()` blocks the main thread."""
+
+    def __init__(self, run_dir: Path, total: int, keys: tuple[str, ...] = ("loss", "val_ppl", "tokens_per_s")):
+        self.path, self.total, self.keys = run_dir / "metrics.jsonl", total, keys
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._render(final=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            self._render()
+
+    def _render(self, final: bool = False) -> None:
+        rows = _read_rows(self.path)
+        if not rows:
+            return
+        last = rows[-1]
+        step = last.get("step", 0)
+        frac = min(1.0, step / max(self.total, 1))
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        vals = {k: last[k] for k in self.keys if k in last}
+        for r in reversed(rows):  # the latest validation value, which is logged less often
+            if "val_ppl" in r:
+                vals.setdefault("val_ppl", r["val_ppl"])
+                break
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items())
+        print(f"\r[{bar}] step {step}/{self.total} {text}", end="\n" if final else "", flush=True)
+
+
+def launch(train_loop_per_worker: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
+           parallel: ParallelConfig, run_dir: Path, max_failures: int, name: str = "trainer_state",
+           keep: int = 2, progress_steps: int | None = None) -> Any:
+    """Run `train_loop_per_worker(loop_config)` on `parallel.num_workers` Ray Train workers; returns the
+    `ray.train.Result` (raises its error). Ray must be initialised (cluster.runtime.init_ray).
+
+    Checks before any worker starts: the layout (`parallel.validate()`), and on a one-node cluster that it has
+    the CPUs/GPUs the workers need (Ray would otherwise wait forever). Checkpoints land in
+    run_dir/<name>/step-XXXXXXXX/ (re-running the same run_dir continues from the latest one, Ray Train's
+    job-level restore); metrics.jsonl in run_dir.
+    """
+    import ray
+    from ray.train import CheckpointConfig as RayCheckpointConfig
+    from ray.train import FailureConfig as RayFailureConfig
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.distributed import torch_config
+
+    parallel.validate()
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    single = _single_node()
+    need = {"CPU": parallel.cpus_per_worker * (parallel.min_workers or parallel.num_workers)}
+    if parallel.use_gpu:
+        need["GPU"] = parallel.min_workers or parallel.num_workers
+    if single:
+        have = ray.cluster_resources()
+        for res, n in need.items():
+            if have.get(res, 0) < n:
+                raise ConfigError(f"parallel.num_workers: {parallel.num_workers} workers need {n} {res} "
+                                  f"(cpus_per_worker={parallel.cpus_per_worker}), the cluster has {have.get(res, 0)}")
+    file_store = parallel.rendezvous == "file" or (parallel.rendezvous == "auto" and single)
+    backend = torch_config(file_store, run_dir / ".rendezvous", use_gpu=parallel.use_gpu)
+    workers: Any = (parallel.min_workers, parallel.num_workers) if parallel.elastic else parallel.num_workers
+    resources = {"CPU": parallel.cpus_per_worker, **({"GPU": 1} if parallel.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config, torch_config=backend,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=parallel.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=str(run_dir), failure_config=RayFailureConfig(max_failures=max_failures),
+            checkpoint_config=RayCheckpointConfig(num_to_keep=keep), callbacks=[metrics_callback(str(run_dir))]),
+    )
+    if progress_steps:
+        with Progress(run_dir, progress_steps):
+            result = trainer.fit()
+    else:
+        result = trainer.fit()
+    shutil.rmtree(run_dir / ".rendezvous", ignore_errors=True)
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
