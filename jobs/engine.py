@@ -240,9 +240,23 @@ def init_worker(parallel: ParallelConfig, seed: int = 0) -> WorkerContext:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(parallel.cpus_per_worker)
+    _quiet_ray_train_logs()
     torch.manual_seed(seed)  # identical initial weights everywhere (TP shards and pipeline stages cut one model)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return WorkerContext(rank, world, local_rank, device, parallel, topology, groups, seed)
+
+
+def _quiet_ray_train_logs() -> None:
+    """Ray Train V2 logs every report (our reports carry up to log_every metrics rows) at INFO from a logger
+    named after its source file; keep warnings only."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:  # internal layout of another Ray version: keep its logs
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(storage.__name__).setLevel(logging.WARNING)
 
 
 def _dropout_seed(seed: int, data_rank: int, pipe_rank: int) -> int:
@@ -327,6 +341,7 @@ class Engine:
         self.model_cls, self.model_cfg = model_cls, model_cfg
         self.state = state
         self.pipeline = pipeline
+        self._rows: list[dict[str, Any]] = []
 
     def __getattr__(self, name: str) -> Any:  # behave like the DeepSpeed engine for everything else
         return getattr(self.__dict__["ds"], name)
@@ -425,13 +440,23 @@ class Engine:
                     "zero_stage": self.ctx.parallel.zero_stage, "model": _model_fingerprint(self.model_cfg)}
             _write_json(directory / STATE_FILE, data)
 
+    def log(self, row: dict[str, Any]) -> None:
+        """Buffer one metrics row for the current step (sent with the next `flush`). Ray Train accepts about
+        one report per controller poll (2 s), so steps are reported in batches, one metrics.jsonl row each."""
+        self._rows.append({"step": self.state.step, "tokens": self.state.tokens, **row})
+
+    def flush(self, checkpoint: bool = False) -> None:
+        """Collective: report the buffered rows (and a checkpoint when asked) through `ray.train.report`."""
+        rows, self._rows = self._rows, []
+        self.report({**(rows[-1] if rows else {}), "rows": rows}, checkpoint=checkpoint)
+
     def report(self, metrics: dict[str, Any], checkpoint: bool = False) -> None:
         """`ray.train.report` from every rank (a barrier); with checkpoint=True every rank first saves its part
         into a local directory that Ray Train merges into `trainer_state/step-XXXXXXXX/`."""
         import ray.train
         import torch.distributed as dist
 
-        metrics = {"step": self.state.step, "tokens": self.state.tokens, **metrics}
+        metrics = {**metrics, "step": self.state.step, "tokens": self.state.tokens}
         if not checkpoint:
             ray.train.report(metrics)
             return
@@ -541,6 +566,8 @@ def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig,
 
     # Only inference uses shm_comm; skipping its 92 s JIT build (ENVIRONMENT.md).
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # Adopt the process group Ray Train created (PipelineModule needs deepspeed.comm before initialize).
+    deepspeed.init_distributed(dist_backend="nccl" if parallel.use_gpu else "gloo")
     model_cls, model_cfg = type(model), model.config
     parallel.check_model(model_cfg)
 
@@ -691,19 +718,20 @@ def metrics_callback(run_dir: str) -> Any:
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             from jobs.runs import MetricsWriter
 
-            row = dict(metrics[0]) if metrics else {}
-            step = row.pop("step", None)
-            if step is None:
-                return
-            if self.writer is None:
-                self.writer = MetricsWriter(run_dir)
-                self.last_step = max([-1, *(r.get("step", -1) for r in _read_rows(self.writer.path))])
-            if step <= self.last_step:  # replay after a restore: forget the superseded rows
-                self.writer.close()
-                _truncate_rows(Path(run_dir) / "metrics.jsonl", step)
-                self.writer = MetricsWriter(run_dir)
-            self.writer.write(step, **row)
-            self.last_step = step
+            report = metrics[0] if metrics else {}
+            rows = report.get("rows", [report] if "step" in report else [])
+            for row in rows:
+                row = dict(row)
+                step = row.pop("step")
+                if self.writer is None:
+                    self.writer = MetricsWriter(run_dir)
+                    self.last_step = max([-1, *(r.get("step", -1) for r in _read_rows(self.writer.path))])
+                if step <= self.last_step:  # replay after a restore: forget the superseded rows
+                    self.writer.close()
+                    _truncate_rows(Path(run_dir) / "metrics.jsonl", step)
+                    self.writer = MetricsWriter(run_dir)
+                self.writer.write(step, **row)
+                self.last_step = step
 
     return MetricsCallback()
 
@@ -728,6 +756,7 @@ class Progress:
         self.path, self.total, self.keys = run_dir / "metrics.jsonl", total, keys
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._shown = -1
 
     def __enter__(self) -> Progress:
         self._thread.start()
@@ -748,6 +777,9 @@ class Progress:
             return
         last = rows[-1]
         step = last.get("step", 0)
+        if step == self._shown and not final:
+            return
+        self._shown = step
         frac = min(1.0, step / max(self.total, 1))
         bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
         vals = {k: last[k] for k in self.keys if k in last}
