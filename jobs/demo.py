@@ -1,0 +1,341 @@
+"""`raygpt demo` (what `make demo` runs): the whole InstructGPT pipeline on the embedded defaults, on one local
+Ray cluster, ending with runs/demo/report.md and its plots.
+
+    tokenizer → prepare → pretrain → SFT → comparisons → RM → PPO-ptx → eval → serve one request → report
+
+Each stage is the job itself: its config class is loaded from the demo config's section of the same name (any
+field of `raygpt <stage>`; the wiring between stages — run directories under runs/<name>/, checkpoints,
+datasets — is filled in here), and its `run(cfg)` is called. All stage configs are resolved and validated
+before the first stage starts; a stage that is missing or fails stops the demo with its name, never skipped.
+
+Config: configs/demo.yaml by default (`--smoke`: configs/demo-smoke.yaml, a shortened run for CI); `--config`
+and `--set` as for every job, e.g. `--set pretrain.optim.max_steps=300 --set ppo.iterations=10`.
+`--set resume=true` keeps finished stages whose resolved config is unchanged (runs/<name>/stages.json).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import socket
+import sys
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.cli import job_main, resolve_job
+from jobs.config import ConfigError, field, from_dict, to_dict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
+SMOKE_CONFIG = PROJECT_ROOT / "configs" / "demo-smoke.yaml"
+
+
+class StageError(RuntimeError):
+    """A demo stage is missing, misconfigured or failed; the message names the stage."""
+
+
+@dataclass
+class RequestConfig:
+    model: str = field("ppo", help="served model the request goes to")
+    prompt: str = field("The king is", help="prompt of the one request sent to the served models")
+    max_tokens: int = field(24, help="max_tokens of that request")
+
+
+@dataclass
+class DemoConfig:
+    """The whole pipeline on one local Ray cluster; ends with runs/<name>/report.md."""
+
+    name: str = field("demo", help="run directory runs/<name>/ (stage runs inside it)")
+    runs_root: str = field("runs", help="directory holding run directories")
+    corpus: str = field("shakespeare", help="pretraining corpus ('shakespeare', 'pydoc', paths/globs)")
+    address: str | None = field(None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded 127.0.0.1)")
+    num_cpus: int | None = field(4, help="logical CPUs of the embedded Ray cluster")
+    resume: bool = field(False, help="keep finished stages whose config is unchanged (else start afresh)")
+    until: str | None = field(None, help="stop after this stage (no serve/report), e.g. to iterate on one stage")
+    goal_win_rate: float = field(0.75, help="win rate of PPO over SFT the report checks against")
+    samples: int = field(4, help="side-by-side sample completions in the report")
+    tokenizer: dict[str, Any] = field({}, help="`raygpt tokenizer` fields")
+    prepare: dict[str, Any] = field({}, help="`raygpt prepare` fields")
+    pretrain: dict[str, Any] = field({}, help="`raygpt pretrain` fields")
+    sft: dict[str, Any] = field({}, help="`raygpt sft` fields")
+    comparisons: dict[str, Any] = field({}, help="`raygpt comparisons` fields")
+    rm: dict[str, Any] = field({}, help="`raygpt rm` fields")
+    ppo: dict[str, Any] = field({}, help="`raygpt ppo` fields")
+    eval: dict[str, Any] = field({}, help="`raygpt eval` fields")
+    serve: dict[str, Any] = field({}, help="`raygpt serve` fields (checkpoints are wired here)")
+    request: RequestConfig = field(RequestConfig(), help="the one request sent to the served models")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.goal_win_rate <= 1.0:
+            raise ConfigError(f"goal_win_rate: must be in [0, 1], got {self.goal_win_rate}")
+        if self.samples < 0:
+            raise ConfigError(f"samples: must be ≥ 0, got {self.samples}")
+        names = [s.name for s in STAGES]
+        if self.until is not None and self.until not in names:
+            raise ConfigError(f"until: must be one of {names}, got {self.until!r}")
+
+
+def root_of(cfg: DemoConfig) -> Path:
+    return Path(cfg.runs_root) / cfg.name
+
+
+# --- wiring: what each stage reads is what the stage before wrote ----------------------------------------------
+def _paths(cfg: DemoConfig) -> dict[str, str]:
+    r = str(root_of(cfg))
+    return {"root": r, "tokenizer": f"{r}/tokenizer/tokenizer.json", "data": f"{r}/data",
+            "pretrain": f"{r}/pretrain/checkpoint", "sft": f"{r}/sft/checkpoint", "rm": f"{r}/rm/checkpoint",
+            "ppo": f"{r}/ppo/checkpoint", "comparisons": f"{r}/comparisons"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str          # the DemoConfig section and the `raygpt` subcommand
+    title: str
+    wire: Callable[[DemoConfig], dict[str, Any]]
+
+
+def _run_named(stage: str) -> Callable[[DemoConfig], dict[str, Any]]:
+    def wire(cfg: DemoConfig) -> dict[str, Any]:
+        return {"name": stage, "runs_root": str(root_of(cfg))}
+    return wire
+
+
+STAGES: list[Stage] = [
+    Stage("tokenizer", "train the byte-level BPE tokenizer",
+          lambda c: {"corpus": c.corpus, "out": _paths(c)["tokenizer"]}),
+    Stage("prepare", "tokenise the corpus into Parquet shards",
+          lambda c: {"corpus": c.corpus, "tokenizer": _paths(c)["tokenizer"], "out": _paths(c)["data"]}),
+    Stage("pretrain", "pretrain the GPT (Ray Train + DeepSpeed)",
+          lambda c: {**_run_named("pretrain")(c), "data": {"dir": _paths(c)["data"], "prepare": False,
+                                                            "tokenizer": _paths(c)["tokenizer"]}}),
+    Stage("sft", "supervised fine-tuning on labeler-written demonstrations",
+          lambda c: {**_run_named("sft")(c), "init_from": _paths(c)["pretrain"]}),
+    Stage("comparisons", "sample K responses per prompt; the labeler ranks them",
+          lambda c: {**_run_named("comparisons")(c), "policy": _paths(c)["sft"]}),
+    Stage("rm", "train the K-wise reward model",
+          lambda c: {**_run_named("rm")(c), "init_from": _paths(c)["sft"],
+                     "comparisons": _paths(c)["comparisons"]}),
+    Stage("ppo", "PPO-ptx on Ray actors (policy, reference, reward, value)",
+          lambda c: {**_run_named("ppo")(c), "policy": _paths(c)["sft"], "reward_model": _paths(c)["rm"],
+                     "ptx": {"data": _paths(c)["data"]}}),
+    Stage("eval", "held-out evaluation: gold and proxy reward, win rate, RM accuracy",
+          lambda c: {**_run_named("eval")(c), "models": {"pretrained": _paths(c)["pretrain"],
+                                                           "sft": _paths(c)["sft"], "ppo": _paths(c)["ppo"]},
+                     "reward_model": _paths(c)["rm"]}),
+]
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+@dataclass
+class Planned:
+    stage: Stage
+    cfg: Any
+    run: Callable[[Any], Any]
+    sha: str
+
+
+def plan_stages(cfg: DemoConfig) -> list[Planned]:
+    """Resolve and validate every stage's config (the job's own class) before anything runs."""
+    planned = []
+    last = [s.name for s in STAGES].index(cfg.until) if cfg.until else len(STAGES) - 1
+    for stage in STAGES[:last + 1]:
+        try:
+            job = resolve_job(stage.name, [])
+            if job.cls is None or job.run is None:
+                raise ConfigError(f"{stage.name} has no config class")
+            data = _deep_merge(_deep_merge(to_dict(job.cfg), stage.wire(cfg)), getattr(cfg, stage.name))
+            stage_cfg = from_dict(job.cls, data)
+        except ConfigError as e:
+            raise StageError(f"stage {stage.name!r}: {e}") from None
+        sha = hashlib.sha256(json.dumps(to_dict(stage_cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        planned.append(Planned(stage, stage_cfg, job.run, sha))
+    return planned
+
+
+def serve_config(cfg: DemoConfig) -> Any:
+    from jobs.serve import ServeConfig
+
+    p = _paths(cfg)
+    base = {"models": [f"pretrained={p['pretrain']}", f"sft={p['sft']}", f"ppo={p['ppo']}"],
+            "app_name": f"raygpt-{cfg.name}", "http": {"host": "127.0.0.1", "port": _free_port()}}
+    try:
+        return from_dict(ServeConfig, _deep_merge(_deep_merge(to_dict(ServeConfig()), base), cfg.serve))
+    except ConfigError as e:
+        raise StageError(f"stage 'serve': {e}") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_one_request(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    """Deploy the three checkpoints behind Ray Serve, send one /v1/completions request, tear down."""
+    from ray import serve
+
+    from jobs.serve import build_app
+
+    scfg = serve_config(cfg)
+    app = build_app(scfg)
+    serve.start(http_options={"host": scfg.http.host, "port": scfg.http.port})
+    try:
+        serve.run(app, name=scfg.app_name, route_prefix=scfg.http.route_prefix, blocking=False)
+        url = f"http://{scfg.http.host}:{scfg.http.port}{scfg.http.route_prefix.rstrip('/')}/v1/completions"
+        body = {"model": cfg.request.model, "prompt": cfg.request.prompt, "max_tokens": cfg.request.max_tokens,
+                "temperature": 0}
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=120) as r:
+            reply = json.loads(r.read())
+        result = {"url": url, "request": body, "latency_s": round(time.perf_counter() - t0, 3),
+                  "completion": reply["choices"][0]["text"], "usage": reply.get("usage")}
+    finally:
+        serve.shutdown()
+    (out / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"[demo] {cfg.request.model!r} answered {cfg.request.prompt!r} → {result['completion']!r} "
+          f"in {result['latency_s']} s", flush=True)
+    return result
+
+
+# --- running ------------------------------------------------------------------------------------------------------
+def _load_state(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _summary(result: Any) -> Any:
+    if isinstance(result, dict):
+        return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    return None
+
+
+def run(cfg: DemoConfig) -> dict[str, Any]:
+    from cluster.runtime import init_ray, is_embedded, shutdown_ray
+    from jobs.config import dump_yaml
+
+    planned = plan_stages(cfg)  # every stage validated first: a typo in ppo fails now, not after pretraining
+    if not cfg.until:
+        serve_config(cfg)
+    root = root_of(cfg)
+    if root.exists() and not cfg.resume:
+        print(f"[demo] starting afresh: removing the previous {root}/", flush=True)
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, root / "config.yaml")
+    state_path = root / "stages.json"
+    state = _load_state(state_path) if cfg.resume else {}
+    total = len(planned) + (0 if cfg.until else 2)
+    t_start = time.perf_counter()
+    init_ray(cfg.address, num_cpus=cfg.num_cpus)
+    print(f"[demo] {total} stages on Ray ({'embedded 127.0.0.1' if is_embedded(cfg.address) else cfg.address}); "
+          f"outputs in {root}/", flush=True)
+    try:
+        for i, p in enumerate(planned, 1):
+            prev = state.get(p.stage.name, {})
+            if cfg.resume and prev.get("status") == "done" and prev.get("config_sha") == p.sha:
+                print(f"[demo {i}/{total}] {p.stage.name}: kept from the previous run", flush=True)
+                continue
+            _banner(i, total, p.stage.name, p.stage.title, t_start)
+            state[p.stage.name] = {"status": "running", "config_sha": p.sha}
+            _save_state(state_path, state)
+            t0 = time.perf_counter()
+            try:
+                init_ray(cfg.address, num_cpus=cfg.num_cpus)  # a stage may have shut Ray down
+                result = p.run(p.cfg)
+            except BaseException as e:
+                state[p.stage.name] = {"status": "failed", "config_sha": p.sha, "error": repr(e),
+                                       "seconds": round(time.perf_counter() - t0, 1)}
+                _save_state(state_path, state)
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                traceback.print_exc()
+                raise StageError(f"stage {p.stage.name!r} failed after {time.perf_counter() - t0:.0f} s: "
+                                 f"{type(e).__name__}: {e}") from e
+            state[p.stage.name] = {"status": "done", "config_sha": p.sha, "result": _summary(result),
+                                   "seconds": round(time.perf_counter() - t0, 1)}
+            _save_state(state_path, state)
+            print(f"[demo {i}/{total}] {p.stage.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        if cfg.until:
+            print(f"[demo] stopped after {cfg.until} (until); no serve/report", flush=True)
+            return {"until": cfg.until, "seconds": round(time.perf_counter() - t_start, 1)}
+
+        _banner(total - 1, total, "serve", "Ray Serve: one request to the served models", t_start)
+        t0 = time.perf_counter()
+        try:
+            init_ray(cfg.address, num_cpus=cfg.num_cpus)
+            served = serve_one_request(cfg, root)
+        except BaseException as e:
+            raise StageError(f"stage 'serve' failed: {type(e).__name__}: {e}") from e
+        state["serve"] = {"status": "done", "result": _summary(served), "seconds": round(time.perf_counter() - t0, 1)}
+        _save_state(state_path, state)
+    finally:
+        if is_embedded(cfg.address):
+            shutdown_ray()
+
+    _banner(total, total, "report", "report.md and plots", t_start)
+    from jobs.report import write_report
+
+    try:
+        report = write_report(root, cfg, state)
+    except Exception as e:
+        raise StageError(f"stage 'report' failed: {type(e).__name__}: {e}") from e
+    wall = time.perf_counter() - t_start
+    state["report"] = {"status": "done", "path": str(report["path"]), "total_seconds": round(wall, 1)}
+    _save_state(state_path, state)
+    print(f"[demo] done in {wall / 60:.1f} min: {report['path']}", flush=True)
+    for line in report.get("headline", []):
+        print(f"[demo] {line}", flush=True)
+    return {"report": str(report["path"]), "seconds": round(wall, 1), **report.get("numbers", {})}
+
+
+def _banner(i: int, total: int, name: str, title: str, t_start: float) -> None:
+    elapsed = time.perf_counter() - t_start
+    print(f"\n[demo {i}/{total}] {name}: {title}  (elapsed {elapsed / 60:.1f} min)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--smoke" in argv:
+        argv.remove("--smoke")
+        argv = ["--config", str(SMOKE_CONFIG), *argv]
+    elif not any(a == "--config" or a.startswith("--config=") for a in argv) and DEFAULT_CONFIG.is_file() \
+            and not {"-h", "--help"} & set(argv):
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    try:
+        return job_main(DemoConfig, run, argv, prog="raygpt demo", plan=_plan_text)
+    except StageError as e:
+        print(f"\n[demo] FAILED: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _plan_text(cfg: DemoConfig) -> str:
+    try:
+        planned = plan_stages(cfg)
+    except StageError as e:
+        return f"error: {e}"
+    return "\n".join(f"{i}. {p.stage.name}: {p.stage.title}" for i, p in enumerate(planned, 1)) + \
+        f"\n{len(planned) + 1}. serve: one request\n{len(planned) + 2}. report: {root_of(cfg)}/report.md"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
