@@ -1,0 +1,249 @@
+"""The demo's report: runs/<name>/report.md with PNG plots, from what the stages wrote (nothing is re-derived
+that a stage measured; a missing metric is an error naming the file and key, never a blank plot).
+
+Plots (matplotlib, Agg backend): lm_loss.png (pretraining train/validation loss, SFT loss), rm_accuracy.png
+(reward-model pairwise accuracy), ppo.png (gold = labeler and proxy = RM reward, KL to the SFT policy, β).
+Tables: the headline numbers (win rate of PPO over SFT by the labeler against the goal, gold and proxy scores,
+RM accuracy, perplexity), per-stage wall time, the served request, and sample completions of the pretrained,
+SFT and PPO models side by side on held-out prompts (same prompt, same sampling seed for all three).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.runs import read_metrics
+
+
+class ReportError(RuntimeError):
+    """A stage's output lacks what the report needs; the message names the file and the key."""
+
+
+def _series(rows: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    pts = [(r[x], r[key]) for r in rows if r.get(key) is not None and r.get(x) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _require(rows: list[dict[str, Any]], key: str, where: Path, x: str = "step") -> tuple[list[float], list[float]]:
+    xs, ys = _series(rows, key, x)
+    if not xs:
+        raise ReportError(f"{where}/metrics.jsonl: no rows with {key!r} (and {x!r})")
+    return xs, ys
+
+
+def _first_present(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str | None:
+    return next((k for k in keys if any(r.get(k) is not None for r in rows)), None)
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_lm(root: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    pre, sft = root / "pretrain", root / "sft"
+    pre_rows, sft_rows = read_metrics(pre), read_metrics(sft)
+    ax = axes[0]
+    ax.plot(*_require(pre_rows, "loss", pre), label="train")
+    ax.plot(*_require(pre_rows, "val_loss", pre), "o-", label="validation (held-out plays)")
+    ax.set(title="Pretraining: LM loss", xlabel="step", ylabel="cross-entropy (nats/token)")
+    ax.legend()
+    ax = axes[1]
+    ax.plot(*_require(sft_rows, "loss", sft), label="train (response tokens)")
+    if any(r.get("val_loss") is not None for r in sft_rows):
+        ax.plot(*_series(sft_rows, "val_loss"), "o-", label="validation")
+    ax.set(title="SFT: LM loss on demonstrations", xlabel="step", ylabel="cross-entropy (nats/token)")
+    ax.legend()
+    return _save(fig, root / "lm_loss.png")
+
+
+def plot_rm(root: Path) -> Path:
+    plt = _plt()
+    rm = root / "rm"
+    rows = read_metrics(rm)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train_key = _first_present(rows, ("accuracy", "train_accuracy", "acc"))
+    if train_key is None:
+        raise ReportError(f"{rm}/metrics.jsonl: no accuracy key (accuracy/train_accuracy/acc)")
+    ax.plot(*_series(rows, train_key), label="train batches")
+    val_key = _first_present(rows, ("val_accuracy", "heldout_accuracy"))
+    if val_key:
+        ax.plot(*_series(rows, val_key), "o-", label="held-out comparisons")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
+    ax.set(title="Reward model: pairwise accuracy", xlabel="step", ylabel="P(r(winner) > r(loser))", ylim=(0, 1))
+    ax.legend()
+    return _save(fig, root / "rm_accuracy.png")
+
+
+def plot_ppo(root: Path, kl_target: float | None) -> Path:
+    plt = _plt()
+    ppo = root / "ppo"
+    rows = read_metrics(ppo)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    ax.plot(*_require(rows, "gold_reward", ppo, "iteration"), "o-", label="gold (labeler: VADER)")
+    ax2 = ax.twinx()
+    ax2.plot(*_require(rows, "proxy_reward", ppo, "iteration"), "s--", color="tab:orange", label="proxy (reward model)")
+    ax.set(title="PPO: gold and proxy reward", xlabel="iteration", ylabel="gold score")
+    ax2.set_ylabel("RM score")
+    ax.legend(loc="upper left")
+    ax2.legend(loc="lower right")
+    ax = axes[1]
+    ax.plot(*_require(rows, "kl", ppo, "iteration"), "o-")
+    if kl_target is not None:
+        ax.axhline(kl_target, color="grey", ls="--", label=f"target {kl_target:g}")
+        ax.legend()
+    ax.set(title="KL(policy ‖ SFT) per response", xlabel="iteration", ylabel="nats")
+    ax = axes[2]
+    ax.plot(*_require(rows, "beta", ppo, "iteration"), "o-")
+    ax.set(title="KL coefficient β", xlabel="iteration", ylabel="β")
+    return _save(fig, root / "ppo.png")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    _plt().close(fig)
+    tmp.replace(path)
+    return path
+
+
+def side_by_side(root: Path, n: int) -> list[dict[str, Any]]:
+    """The first n held-out prompts with each model's response and gold score, from the eval stage's
+    samples.jsonl (every model sampled with the same seed per prompt)."""
+    path = root / "eval" / "samples.jsonl"
+    if n == 0:
+        return []
+    if not path.is_file():
+        raise ReportError(f"{path}: missing (the eval stage writes it)")
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
+    for r in rows:
+        for m in MODELS:
+            if not isinstance(r.get(m), dict) or "response" not in r[m]:
+                raise ReportError(f"{path}: row without a {m!r} response")
+    return rows
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " / ").strip() or "∅"
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "–"
+    if pct:
+        return f"{100 * v:.1f}%"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def write_report(root: Path, cfg: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """Write root/report.md and its plots; returns {"path", "headline": [lines], "numbers": {...}}."""
+    root = Path(root)
+    ev = load_eval(root)
+    ppo_cfg = _load_yaml(root / "ppo" / "config.yaml")
+    kl = ppo_cfg.get("kl", {})
+    kl_target = kl.get("target") if kl.get("controller") == "adaptive" else None
+    plots = [plot_lm(root), plot_rm(root), plot_ppo(root, kl_target)]
+    samples = side_by_side(root, cfg.samples)
+    served = _load_json(root / "serve.json")
+
+    win = ev[WIN_KEY]
+    goal = cfg.goal_win_rate
+    verdict = "met" if win >= goal else "NOT met"
+    numbers = {"win_rate": win, "goal_win_rate": goal, **{k: ev[k] for k in EVAL_KEYS if k in ev}}
+    lines = [
+        f"# raygpt demo report — `{root}`", "",
+        f"{time.strftime('%Y-%m-%d %H:%M')} · {os.cpu_count()} CPU cores · {platform.machine()} · "
+        f"total {_total_minutes(state):.1f} min", "",
+        "The InstructGPT pipeline on the embedded defaults: a GPT pretrained on Shakespeare's plays, fine-tuned on "
+        "positive continuations written by the simulated labeler (VADER), a K-wise reward model trained on the "
+        "labeler's rankings, and PPO-ptx against that reward model. Held-out prompts were never trained on.", "",
+        "## Result", "",
+        "| | value |", "|---|---|",
+        f"| **win rate of PPO over SFT** (labeler = VADER, held-out prompts, ties = ½) | **{_fmt(win, True)}** "
+        f"(goal ≥ {_fmt(goal, True)}: {verdict}) |",
+    ]
+    for key, label in EVAL_LABELS.items():
+        if ev.get(key) is not None:
+            lines.append(f"| {label} | {_fmt(ev[key])} |")
+    lines += ["", "## Curves", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    lines += ["## Stages", "", "| stage | wall time | status |", "|---|---|---|"]
+    for name, info in state.items():
+        if isinstance(info, dict) and "status" in info and name != "report":
+            lines.append(f"| {name} | {info.get('seconds', 0):.0f} s | {info['status']} |")
+    if served:
+        lines += ["", "## Served request (Ray Serve, OpenAI-compatible `/v1/completions`)", "",
+                  f"`POST {served['url']}` `{json.dumps(served['request'])}` → `{_cell(served['completion'])}` "
+                  f"in {served['latency_s']} s", ""]
+    if samples:
+        lines += ["## Samples on held-out prompts (same seed for all three; gold score in brackets)", "",
+                  "| prompt | pretrained | SFT | PPO |", "|---|---|---|---|"]
+        for s in samples:
+            lines.append(f"| {_cell(s['prompt'])} | " + " | ".join(
+                f"{_cell(s[m]['response'])} [{s[m].get('gold', float('nan')):+.2f}]" for m in MODELS) + " |")
+        lines.append("")
+    path = root / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    headline = [f"win rate of PPO over SFT (labeler, held-out): {_fmt(win, True)} — "
+                f"goal ≥ {_fmt(goal, True)} {verdict}"]
+    return {"path": path, "headline": headline, "numbers": numbers}
+
+
+# The eval stage's labels for the three models (DemoConfig wires eval.models with these) and its summary keys.
+MODELS = ("pretrained", "sft", "ppo")
+WIN_KEY = "win_rate/ppo_vs_sft"
+EVAL_LABELS = {
+    "win_rate/sft_vs_pretrained": "win rate of SFT over the pretrained model (labeler)",
+    "win_rate/ppo_vs_pretrained": "win rate of PPO over the pretrained model (labeler)",
+    "pretrained/gold": "gold score (VADER compound, −1…1), pretrained",
+    "sft/gold": "gold score, SFT",
+    "ppo/gold": "gold score, PPO",
+    "pretrained/proxy": "proxy score (reward model; SFT demonstrations = 0), pretrained",
+    "sft/proxy": "proxy score, SFT",
+    "ppo/proxy": "proxy score, PPO",
+    "rm_accuracy": "reward-model pairwise accuracy on held-out comparisons",
+    "rm_accuracy_decided": "… on the pairs the labeler did not tie",
+    "pretrained/ppl": "held-out perplexity, pretrained",
+    "sft/ppl": "held-out perplexity, SFT",
+    "ppo/ppl": "held-out perplexity, PPO (the ptx term keeps it near SFT's)",
+}
+EVAL_KEYS = tuple(EVAL_LABELS)
+
+
+def load_eval(root: Path) -> dict[str, Any]:
+    """The eval stage's results (its summary.json)."""
+    path = root / "eval" / "summary.json"
+    data = _load_json(path)
+    if not data:
+        raise ReportError(f"{path}: missing (the eval stage writes it)")
+    if data.get(WIN_KEY) is None:
+        raise ReportError(f"{path}: no {WIN_KEY!r} (eval.models must hold 'sft' and 'ppo', and the task a labeler)")
+    return data
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _total_minutes(state: dict[str, Any]) -> float:
+    return sum(v.get("seconds", 0) for v in state.values() if isinstance(v, dict)) / 60
