@@ -1,0 +1,146 @@
+"""What every PPO role shares: loading a checkpoint onto the right device without dropout, the response-token
+log-probs of a rollout, sampling a rollout shard, and the weights message that carries a version + checksum.
+
+No math lives here beyond indexing: log-probs come from `models.generation.token_logprobs`, sampling from
+`models.generation.generate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from actors.rollout import Rollout
+from models.checkpoint import Kind, load_checkpoint
+from models.generation import SamplingParams, generate, token_logprobs
+from models.gpt import GPT
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are sampled (shared by the policy, the rollout workers and the reference: log-probs are
+    taken under softmax(logits / temperature) everywhere, so ratios and KL compare like with like)."""
+
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_id: int = 0
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off everywhere: PPO's ratio π_θ/π_old must be exactly 1 before the first step, and the reference
+    and value passes must be deterministic (TRL's PPO disables dropout for the same reason)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "attn_pdrop"):
+            m.attn_pdrop = 0.0
+    return model
+
+
+def load_model(path: str, kind: Kind) -> nn.Module:
+    """A checkpoint directory as `kind`, dropout off, on this worker's device."""
+    return disable_dropout(load_checkpoint(path, kind=kind)).to(device())
+
+
+def response_logits(model: nn.Module, rollout: Rollout) -> Tensor:
+    """(B, T, V) logits that predict response tokens: position P-1+t of the full sequence predicts a_t."""
+    dev = device()
+    logits = model(rollout.input_ids.to(dev), rollout.attention_mask.to(dev))
+    return logits[:, rollout.prompt_len - 1:-1]
+
+
+def response_logprobs(logits: Tensor, rollout: Rollout, temperature: float) -> Tensor:
+    """(B, T) log softmax(logits / T)[a_t]; padding positions are zeroed."""
+    scaled = logits / temperature if temperature > 0 else logits
+    lp = token_logprobs(scaled, rollout.response_ids.to(logits.device))
+    return torch.where(rollout.action_mask.to(lp.device).bool(), lp, torch.zeros_like(lp))
+
+
+def weights_checksum(state: dict[str, Tensor] | dict[str, np.ndarray]) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of every tensor in name order: equal iff the weights are."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        a = state[name]
+        arr = a.detach().cpu().contiguous().numpy() if isinstance(a, Tensor) else np.ascontiguousarray(a)
+        h.update(f"{name}|{arr.dtype}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class WeightsMessage:
+    """The policy's weights after `version` updates, as NumPy arrays (zero-copy out of the object store)."""
+
+    version: int
+    checksum: str
+    state: dict[str, np.ndarray]
+
+
+def sample_rollout(model: GPT, prompts: Sequence[Sequence[int]], row_index: Sequence[int], seeds: Sequence[int],
+                   sampling: Sampling, version: int, checksum: str) -> Rollout:
+    """Sample one response per prompt with per-row seeds (a row's sample depends only on its seed and the weights,
+    not on its batch-mates or shard) and record it as a Rollout."""
+    if not (len(prompts) == len(row_index) == len(seeds)):
+        raise ValueError(f"prompts/row_index/seeds: lengths {len(prompts)}/{len(row_index)}/{len(seeds)} differ")
+    params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                            top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=sampling.eos_id,
+                            seed=[int(s) for s in seeds])
+    gen = generate(model, [list(p) for p in prompts], params, pad_id=sampling.eos_id)
+    mask = gen.response_mask.long()
+    return Rollout(
+        prompt_ids=gen.sequences[:, :gen.prompt_len].long(),
+        prompt_mask=gen.attention_mask[:, :gen.prompt_len].long(),
+        response_ids=gen.response_ids.long(),
+        action_mask=mask,
+        old_logprobs=torch.where(mask.bool(), gen.logprobs.float(), torch.zeros_like(gen.logprobs.float())),
+        row_index=torch.as_tensor(list(row_index), dtype=torch.long),
+        weight_version=version,
+        weight_checksum=checksum,
+    ).validate()
+
+
+@dataclass(frozen=True)
+class RolloutMeta:
+    """What the controller needs to know about a generated shard without fetching it."""
+
+    rows: int
+    weight_version: int
+    weight_checksum: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ScoreMeta:
+    """The small half of a scoring call's result (the tensor stays in the object store): the controller waits on
+    it, so a dead scorer surfaces here without moving the scores through the controller."""
+
+    rows: int
+    mean: float
+
+
+def score_meta(scores: Tensor, mask: Tensor | None = None) -> ScoreMeta:
+    """Rows and mean of (B,) scores or (B, T) per-token values (over `mask`)."""
+    if mask is None:
+        return ScoreMeta(int(scores.shape[0]), float(scores.float().mean()))
+    m = mask.bool()
+    return ScoreMeta(int(scores.shape[0]), float(scores[m].float().mean()) if bool(m.any()) else 0.0)
+
+
+def meta_of(rollout: Rollout) -> RolloutMeta:
+    return RolloutMeta(rollout.batch_size, rollout.weight_version, rollout.weight_checksum, rollout.nbytes())
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of `parts` (e.g. run seed, iteration, row): no RNG state to carry."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))

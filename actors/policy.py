@@ -1,0 +1,176 @@
+"""The policy role: samples responses (KV-cached sampler) and runs the PPO-ptx update on a DeepSpeed engine.
+
+InstructGPT §3.5 / eq. 2: maximise E[r_θ(x,y) − β·log(π/π_SFT)] + γ·E_pretrain[log π(x)]. The first term is
+PPO's clipped surrogate on advantages computed from the KL-shaped reward (models/losses.py `policy_loss`); the
+second is the pretraining LM loss on Parquet batches the controller slices per rank (`ptx`), mixed in with
+coefficient γ = `ptx_coef` in the same backward pass ("PPO-ptx").
+
+Determinism and resume: the minibatch order of iteration i on rank r is drawn from a generator seeded with
+(seed, i, r), and torch's global RNG (dropout, if a user turns it on) is reseeded the same way, so an update is a
+pure function of (weights, optimizer state, rollout, ptx batch, i) and nothing random needs checkpointing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors.base import (
+    RolloutMeta,
+    Sampling,
+    WeightsMessage,
+    derive_seed,
+    device,
+    load_model,
+    meta_of,
+    response_logits,
+    response_logprobs,
+    sample_rollout,
+    weights_checksum,
+)
+from actors.rollout import Rollout, RolloutError
+from cluster.deepspeed_engine import EngineSpec, build_engine, full_state_dict, load_engine, save_engine
+from cluster.worker_group import DistributedWorker
+from models.losses import entropy_from_logits, lm_loss, policy_loss
+from models.masked import masked_mean
+
+
+@dataclass(frozen=True)
+class PPOUpdateSpec:
+    """One PPO update over a rollout shard (per rank)."""
+
+    epochs: int = 4  # passes over the rollout (PPO's K epochs)
+    minibatch_size: int = 4  # rows per rank per optimizer step
+    clip_eps: float = 0.2  # ε of the clipped surrogate
+    ptx_coef: float = 0.0  # γ of PPO-ptx (0 = plain PPO)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    checkpoint: str  # SFT checkpoint directory (HF GPT-2 layout) the policy starts from
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    sampling: Sampling = field(default_factory=Sampling)
+    update: PPOUpdateSpec = field(default_factory=PPOUpdateSpec)
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    version: int  # number of PPO updates applied to these weights
+    checksum: str  # weights_checksum of the full fp32 weights
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    metrics: dict[str, float]  # means over this rank's optimizer steps
+    weights: WeightsInfo  # the weights after the update
+
+
+def n_steps(rows: int, spec: PPOUpdateSpec) -> int:
+    """Optimizer steps one update takes on a shard of `rows` rows (the ptx batch must have this many)."""
+    if rows % spec.minibatch_size:
+        raise RolloutError(f"minibatch_size: a shard of {rows} rows is not divisible by {spec.minibatch_size}")
+    return spec.epochs * rows // spec.minibatch_size
+
+
+class PolicyWorker(DistributedWorker):
+    """One data-parallel rank of the policy. Plain class; jobs/ppo.py wires it with `ray.remote`."""
+
+    role = "policy"
+
+    def __init__(self, spec: PolicySpec, rank: int = 0, world_size: int = 1) -> None:
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.engine: Any = None
+        self.version = 0
+
+    # --- life cycle -------------------------------------------------------------------------------------------
+    def setup(self, snapshot: tuple[str, str] | None = None) -> WeightsInfo:
+        """Collective: build the engine from the SFT checkpoint, then restore `(directory, tag)` if given."""
+        model = load_model(self.spec.checkpoint, "lm")
+        self.engine = build_engine(model, self.spec.engine)
+        self.version = 0
+        if snapshot is not None:
+            self.version = int(load_engine(self.engine, *snapshot)["version"])
+        return self.weights_info()
+
+    def save(self, directory: str, tag: str) -> None:
+        """Collective: model + optimizer state + version under directory/tag."""
+        save_engine(self.engine, directory, tag, {"version": self.version})
+
+    def weights_info(self) -> WeightsInfo:
+        """Collective under ZeRO/bf16: version and checksum of the current weights."""
+        return WeightsInfo(self.version, weights_checksum(full_state_dict(self.engine)))
+
+    def weights(self) -> WeightsMessage | None:
+        """Collective: the full weights for rollout workers / HF export, on rank 0 (None elsewhere)."""
+        state = full_state_dict(self.engine)
+        if self.rank != 0:
+            return None
+        arrays = {k: v.numpy() for k, v in state.items()}
+        return WeightsMessage(self.version, weights_checksum(arrays), arrays)
+
+    # --- PPO --------------------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], row_index: list[int], seeds: list[int]
+                 ) -> tuple[RolloutMeta, Rollout]:
+        """Sample a rollout shard with the current weights (call with num_returns=2: the meta is fetched by the
+        controller, the rollout stays in the object store)."""
+        if self.engine.zero_optimization_stage() == 3:
+            raise RolloutError("policy.zero_stage: 3 partitions the weights; sample with rollout workers instead")
+        model = self.engine.module
+        model.eval()
+        checksum = weights_checksum(full_state_dict(self.engine))
+        rollout = sample_rollout(model, prompts, row_index, seeds, self.spec.sampling, self.version, checksum)
+        self.fault_point()
+        return meta_of(rollout), rollout
+
+    def update(self, rollout: Rollout, ptx: np.ndarray | None, iteration: int) -> UpdateResult:
+        """Collective: `epochs` passes of clipped-surrogate minibatch steps (+ γ·LM loss on ptx[step]).
+
+        rollout: this rank's shard, with advantages. ptx: (steps, rows, block+1) int token blocks or None.
+        """
+        spec, eng, dev = self.spec.update, self.engine, device()
+        if rollout.advantages is None:
+            raise RolloutError("advantages: the rollout has not been finalized")
+        steps = n_steps(rollout.batch_size, spec)
+        if ptx is not None and (ptx.ndim != 3 or ptx.shape[0] != steps):
+            raise RolloutError(f"ptx: expected ({steps}, rows, block+1) token blocks, got {ptx.shape}")
+        order = torch.Generator().manual_seed(derive_seed(spec.seed, iteration, self.rank))
+        torch.manual_seed(derive_seed(spec.seed, iteration, self.rank, 1))
+        temperature = self.spec.sampling.temperature
+        sums: dict[str, float] = defaultdict(float)
+        eng.train()
+        step = 0
+        for _ in range(spec.epochs):
+            perm = torch.randperm(rollout.batch_size, generator=order)
+            for k in range(rollout.batch_size // spec.minibatch_size):
+                part = rollout.select(perm[k * spec.minibatch_size:(k + 1) * spec.minibatch_size])
+                mask = part.action_mask.to(dev)
+                logits = response_logits(eng, part)
+                logprobs = response_logprobs(logits, part, temperature)
+                loss, m = policy_loss(logprobs, part.old_logprobs.to(dev), part.advantages.to(dev), mask,
+                                      spec.clip_eps)
+                with torch.no_grad():
+                    scaled = logits / temperature if temperature > 0 else logits
+                    sums["entropy"] += float(masked_mean(entropy_from_logits(scaled.float()), mask))
+                sums["pg_loss"] += float(loss.detach())
+                if ptx is not None and spec.ptx_coef > 0:
+                    block = torch.tensor(ptx[step], dtype=torch.long, device=dev)
+                    ptx_loss = lm_loss(eng(block[:, :-1]), block[:, 1:])
+                    loss = loss + spec.ptx_coef * ptx_loss
+                    sums["ptx_loss"] += float(ptx_loss.detach())
+                eng.backward(loss)
+                eng.step()
+                self.fault_point()  # after a step: a crash here leaves half-updated weights behind
+                for name in ("clipfrac", "approx_kl", "ratio"):
+                    sums[name] += float(m[name])
+                norm = eng.get_global_grad_norm()
+                if norm is not None:
+                    sums["grad_norm"] += float(norm)
+                step += 1
+        self.version += 1
+        metrics = {k: v / steps for k, v in sums.items()}
+        return UpdateResult(metrics, self.weights_info())

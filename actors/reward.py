@@ -1,0 +1,112 @@
+"""The reward role: one scalar per full sequence — the reward model's score, or a user function (a rule or a
+verifier) behind the same interface, `score(rollout) -> (B,)`.
+
+Reward model (InstructGPT §3.5): `models.heads.RewardModel` reads its scalar head at the last real token of
+prompt + response. User function: `"package.module:callable"` taking `(prompts, responses)` as lists of decoded
+strings and returning one float per row; it runs inside this actor, so it can hold state (load a verifier once).
+Inference only: replicas are independent.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from actors.base import ScoreMeta, device, load_model, score_meta
+from actors.rollout import Rollout
+from cluster.worker_group import DistributedWorker
+
+RewardFunction = Callable[[list[str], list[str]], Sequence[float]]
+
+
+class RewardError(ValueError):
+    """The reward spec or a user function's output is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    checkpoint: str | None = None  # reward-model checkpoint directory, or
+    function: str | None = None  # "module:callable" user reward on decoded text
+    tokenizer: str | None = None  # tokenizer.json to decode with (required by `function`)
+
+    def __post_init__(self) -> None:
+        if (self.checkpoint is None) == (self.function is None):
+            raise RewardError("reward: give exactly one of reward.checkpoint and reward.function")
+        if self.function is not None and self.tokenizer is None:
+            raise RewardError("reward.function: a user reward needs a tokenizer to decode responses")
+
+
+def import_function(path: str) -> RewardFunction:
+    """`"module:attr"` → the callable (the module must be importable on the workers). A class is instantiated
+    with no arguments (a verifier that loads something once); its `gold_scores` method is used if it has one (a
+    task's labeler, jobs/tasks), else the instance must be callable."""
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise RewardError(f"reward.function: expected 'module:callable', got {path!r}")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise RewardError(f"reward.function: cannot import {path!r} ({e})") from None
+    if isinstance(fn, type):
+        obj = fn()
+        fn = getattr(obj, "gold_scores", obj)
+    if not callable(fn):
+        raise RewardError(f"reward.function: {path!r} is not callable")
+    return fn
+
+
+def decode_rollout(rollout: Rollout, decode: Callable[[list[int]], str], eos_id: int) -> tuple[list[str], list[str]]:
+    """Prompt and response texts of every row (padding and the closing EOS dropped)."""
+    prompts, responses = [], []
+    for b in range(rollout.batch_size):
+        p = rollout.prompt_ids[b][rollout.prompt_mask[b].bool()].tolist()
+        r = [t for t in rollout.response_ids[b][rollout.action_mask[b].bool()].tolist()]
+        if r and r[-1] == eos_id:
+            r = r[:-1]
+        prompts.append(decode(p))
+        responses.append(decode(r))
+    return prompts, responses
+
+
+class RewardWorker(DistributedWorker):
+    """r(x, y) for each row. Plain class; jobs/ppo.py wires it with `ray.remote`."""
+
+    role = "reward"
+
+    def __init__(self, spec: RewardSpec, rank: int = 0, world_size: int = 1) -> None:
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.model = None
+        self.function: RewardFunction | None = None
+        if spec.checkpoint is not None:
+            self.model = load_model(spec.checkpoint, "reward").eval().requires_grad_(False)
+        else:
+            from models.tokenizer import Tokenizer
+
+            self.function = import_function(spec.function or "")
+            self.tokenizer = Tokenizer.from_file(spec.tokenizer or "")
+
+    def score(self, rollout: Rollout) -> tuple[ScoreMeta, Tensor]:
+        """(meta, (B,) float32 sequence rewards on CPU)."""
+        scores = self.scores(rollout)
+        self.fault_point()
+        return score_meta(scores), scores
+
+    @torch.no_grad()
+    def scores(self, rollout: Rollout) -> Tensor:
+        """(B,) float32 sequence rewards (CPU)."""
+        if self.model is not None:
+            dev = device()
+            return self.model(rollout.input_ids.to(dev), rollout.attention_mask.to(dev)).float().cpu()
+        prompts, responses = decode_rollout(rollout, self.tokenizer.decode, self.tokenizer.eos_id)
+        out = self.function(prompts, responses)  # type: ignore[misc]
+        scores = torch.as_tensor([float(x) for x in out], dtype=torch.float32)
+        if scores.shape != (rollout.batch_size,):
+            raise RewardError(f"reward.function: returned {scores.numel()} scores for {rollout.batch_size} rows")
+        if not bool(torch.isfinite(scores).all()):
+            raise RewardError(f"reward.function: returned a non-finite score at row "
+                              f"{int((~torch.isfinite(scores)).nonzero()[0])}")
+        return scores

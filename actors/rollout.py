@@ -1,0 +1,210 @@
+"""The experience record of PPO: one `Rollout` per data-parallel shard, passed between actors as ObjectRefs.
+
+Shapes: B = rows (responses) in this shard, P = padded prompt length (left padding), T = padded response length
+(right padding). A row's full sequence is `cat(prompt_ids, response_ids)` with mask `cat(prompt_mask,
+action_mask)`, so the model input of row b is (B, P+T) and the log-prob of response token t comes from the logits
+at position P-1+t. Pad tokens are the EOS id; masks say what is real.
+
+Life of a rollout (jobs/ppo.py):
+  generate  → prompt_ids, prompt_mask, response_ids, action_mask, old_logprobs, row_index, weight_version/checksum
+  score     → ref_logprobs (reference), scores (reward), values (value) — computed in parallel, each returned as
+              its own small object, never written back into the shared rollout object
+  finalize  → kl, rewards, advantages, returns (`finalize`, from models/advantages.py), over the WHOLE batch
+              (whitening statistics must not depend on how the batch was sharded), then split per trainer rank
+  update    → each policy/value rank receives only its shard: slicing happens before `ray.put`, as in OpenRLHF.
+
+Object-store transfer: tensors are stored as NumPy arrays when pickled (`__reduce__`), which Ray's object store
+reads back zero-copy, instead of torch's pickled tensor bytes (ENVIRONMENT.md: ~3× slower on both ends).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.advantages import gae, kl_k1, kl_penalty, per_token_rewards, whiten
+from models.masked import masked_mean, masked_var
+
+TENSOR_FIELDS = ("prompt_ids", "prompt_mask", "response_ids", "action_mask", "old_logprobs", "row_index",
+                 "ref_logprobs", "scores", "values", "kl", "rewards", "advantages", "returns")
+
+
+class RolloutError(ValueError):
+    """A rollout is malformed (shape/dtype mismatch, stale weights, …); the message names the field."""
+
+
+@dataclass
+class Rollout:
+    """Experience of one shard. Every field: shape and meaning. Optional fields are filled by later stages."""
+
+    prompt_ids: Tensor  # (B, P) long: prompt tokens, left-padded with the pad (EOS) id
+    prompt_mask: Tensor  # (B, P) long: 1 = real prompt token, 0 = left padding
+    response_ids: Tensor  # (B, T) long: sampled response tokens a_0..a_{T-1}, right-padded after EOS
+    action_mask: Tensor  # (B, T) long: 1 = a generated token (up to and incl. EOS) = an action PPO trains on
+    old_logprobs: Tensor  # (B, T) float32: log π_old(a_t|s_t) under softmax(logits/temperature) at sampling; 0 pad
+    row_index: Tensor  # (B,) long: position of each row in the iteration's global batch (seeds, reassembly order)
+    weight_version: int = 0  # policy version the responses were sampled with (number of updates applied)
+    weight_checksum: str = ""  # SHA-256 of the sampling weights; the controller refuses a mismatch
+    ref_logprobs: Tensor | None = None  # (B, T) float32: log π_ref(a_t|s_t), frozen SFT reference, same temperature
+    scores: Tensor | None = None  # (B,) float32: sequence reward r(x, y) of the RM (or user function)
+    values: Tensor | None = None  # (B, T) float32: critic V(s_t) at rollout time (the "old" values)
+    kl: Tensor | None = None  # (B, T) float32: per-token KL estimate used in the reward (estimator per config)
+    rewards: Tensor | None = None  # (B, T) float32: −β·kl_t, plus scores on the last real token
+    advantages: Tensor | None = None  # (B, T) float32: GAE advantages (whitened if configured), 0 at padding
+    returns: Tensor | None = None  # (B, T) float32: value targets A_t + V_t, 0 at padding
+
+    # --- derived views ----------------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.prompt_ids.shape[1])
+
+    @property
+    def input_ids(self) -> Tensor:
+        """(B, P+T) prompt then response: the model input for every scoring/training forward pass."""
+        return torch.cat([self.prompt_ids, self.response_ids], 1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """(B, P+T) 1 = real token (prompt or generated)."""
+        return torch.cat([self.prompt_mask, self.action_mask], 1)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    # --- checks -----------------------------------------------------------------------------------------------
+    def validate(self) -> Rollout:
+        """Raise RolloutError naming the first field whose shape disagrees with (B, P) / (B, T) / (B,)."""
+        b, p = self.prompt_ids.shape if self.prompt_ids.dim() == 2 else (-1, -1)
+        if b < 1:
+            raise RolloutError(f"prompt_ids: expected shape (B, P) with B >= 1, got {tuple(self.prompt_ids.shape)}")
+        t = self.response_ids.shape[1] if self.response_ids.dim() == 2 else -1
+        expected = {"prompt_mask": (b, p), "response_ids": (b, t), "action_mask": (b, t), "old_logprobs": (b, t),
+                    "row_index": (b,), "ref_logprobs": (b, t), "scores": (b,), "values": (b, t), "kl": (b, t),
+                    "rewards": (b, t), "advantages": (b, t), "returns": (b, t)}
+        for name, shape in expected.items():
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise RolloutError(f"{name}: expected shape {shape} (B={b}, P={p}, T={t}), got {tuple(value.shape)}")
+        if bool((self.action_mask.sum(1) == 0).any()):
+            row = int((self.action_mask.sum(1) == 0).nonzero()[0])
+            raise RolloutError(f"action_mask: row {row} has an empty response")
+        return self
+
+    # --- slicing ----------------------------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, Tensor]:
+        return {f: getattr(self, f) for f in TENSOR_FIELDS if getattr(self, f) is not None}
+
+    def replace(self, **fields: Any) -> Rollout:
+        return dataclasses.replace(self, **fields)
+
+    def select(self, rows: Tensor | Sequence[int]) -> Rollout:
+        """The rows `rows` (a new Rollout; padding widths unchanged)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return self.replace(**{k: v.index_select(0, idx) for k, v in self._tensors().items()})
+
+    def split(self, n: int) -> list[Rollout]:
+        """`n` contiguous near-equal shards (the first B mod n get one more row). Raises if B < n."""
+        if not 1 <= n <= self.batch_size:
+            raise RolloutError(f"split: cannot cut {self.batch_size} rows into {n} non-empty shards")
+        bounds = [i * self.batch_size // n for i in range(n + 1)]
+        return [self.select(range(bounds[i], bounds[i + 1])) for i in range(n)]
+
+    @staticmethod
+    def concat(parts: Sequence[Rollout]) -> Rollout:
+        """Concatenate shards (in the given order), re-padding prompts on the left and responses on the right to
+        the widest part. All parts must carry the same optional fields and the same weight version."""
+        if not parts:
+            raise RolloutError("concat: no rollouts")
+        first = parts[0]
+        have = set(first._tensors())
+        for i, r in enumerate(parts):
+            if set(r._tensors()) != have:
+                raise RolloutError(f"concat: part {i} has fields {sorted(r._tensors())}, part 0 has {sorted(have)}")
+            if (r.weight_version, r.weight_checksum) != (first.weight_version, first.weight_checksum):
+                raise RolloutError(f"weight_version: part {i} was sampled with version {r.weight_version}, part 0 "
+                                   f"with {first.weight_version}")
+        p = max(r.prompt_len for r in parts)
+        t = max(int(r.response_ids.shape[1]) for r in parts)
+        pad_id = int(first.prompt_ids[first.prompt_mask == 0][0]) if bool((first.prompt_mask == 0).any()) else 0
+        out: dict[str, Tensor] = {}
+        for name in have:
+            pieces = []
+            for r in parts:
+                v = getattr(r, name)
+                if name in ("prompt_ids", "prompt_mask"):
+                    fill = pad_id if name == "prompt_ids" else 0
+                    v = torch.nn.functional.pad(v, (p - v.shape[1], 0), value=fill)
+                elif v.dim() == 2:
+                    fill = pad_id if name == "response_ids" else 0
+                    v = torch.nn.functional.pad(v, (0, t - v.shape[1]), value=fill)
+                pieces.append(v)
+            out[name] = torch.cat(pieces, 0)
+        return first.replace(**out)
+
+    # --- object-store transfer --------------------------------------------------------------------------------
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        arrays = {k: v.detach().cpu().numpy() for k, v in self._tensors().items()}
+        return (_rebuild, (arrays, self.weight_version, self.weight_checksum))
+
+
+def _rebuild(arrays: dict[str, np.ndarray], version: int, checksum: str) -> Rollout:
+    # Arrays from the object store are read-only views of shared memory; torch needs writable memory, so copy
+    # once here (one memcpy, still far cheaper than unpickling tensor bytes).
+    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
+    return Rollout(**tensors, weight_version=version, weight_checksum=checksum)
+
+
+# --- finalize: rewards and advantages over the whole batch -----------------------------------------------------
+def finalize(shards: Sequence[Rollout], ref_logprobs: Sequence[Tensor], scores: Sequence[Tensor],
+             values: Sequence[Tensor], *, beta: float, kl_estimator: str, gamma: float, lam: float,
+             whiten_advantages: bool, splits: Sequence[int]) -> tuple[dict[str, float], list[list[Rollout]]]:
+    """Assemble the scored batch and compute per-token rewards, GAE advantages and returns (models/advantages.py).
+
+    shards[i] comes with ref_logprobs[i] (B_i, T_i), scores[i] (B_i,) and values[i] (B_i, T_i). The batch is put
+    back in global row order, so the result does not depend on how generation was sharded. Returns
+    (stats, outputs) where outputs[j] is the batch split into `splits[j]` shards (one list per trainer group;
+    each shard is then a separate object in the store).
+
+    stats: batch means as Python floats — "kl" (Σ_t k1 per sequence, what the adaptive controller steers),
+    "kl_penalty" (Σ_t of the configured estimator), "proxy_reward" (scores), "non_score_reward" (Σ_t −β·kl),
+    "response_len", "advantage_mean/std" (before whitening), "return_mean", "value_mean".
+    """
+    if not (len(shards) == len(ref_logprobs) == len(scores) == len(values)):
+        raise RolloutError(f"finalize: {len(shards)} shards but {len(ref_logprobs)} ref_logprobs, {len(scores)} "
+                           f"scores, {len(values)} values")
+    scored = [s.replace(ref_logprobs=r.float(), scores=c.float(), values=v.float())
+              for s, r, c, v in zip(shards, ref_logprobs, scores, values)]
+    batch = Rollout.concat(scored)
+    batch = batch.select(torch.argsort(batch.row_index)).validate()
+    mask = batch.action_mask
+    kl = kl_penalty(batch.old_logprobs, batch.ref_logprobs, kl_estimator)  # type: ignore[arg-type]
+    kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
+    rewards = per_token_rewards(batch.scores, kl, mask, beta)
+    advantages, returns = gae(rewards, batch.values, mask, gamma, lam)
+    raw_adv = advantages
+    if whiten_advantages:
+        advantages = whiten(advantages, mask)
+    batch = batch.replace(kl=kl, rewards=rewards, advantages=advantages, returns=returns)
+    k1 = torch.where(mask.bool(), kl_k1(batch.old_logprobs, batch.ref_logprobs), torch.zeros_like(kl))
+    stats = {
+        "kl": float(k1.sum(1).mean()),
+        "kl_penalty": float(kl.sum(1).mean()),
+        "proxy_reward": float(batch.scores.mean()),
+        "non_score_reward": float((-beta * kl).sum(1).mean()),
+        "response_len": float(mask.sum(1).float().mean()),
+        "advantage_mean": float(masked_mean(raw_adv, mask)),
+        "advantage_std": float(masked_var(raw_adv, mask).sqrt()),
+        "return_mean": float(masked_mean(returns, mask)),
+        "value_mean": float(masked_mean(batch.values, mask)),
+    }
+    return stats, [batch.split(n) for n in splits]
