@@ -1,0 +1,50 @@
+"""`raygpt ppo`: PPO-ptx on Ray actors — policy, reference, reward and value workers, one controller.
+
+One iteration (InstructGPT §3.5, Ziegler et al. 2019; the loop below reads exactly like this):
+
+    generate    the policy (or the rollout workers) samples responses to a batch of prompts
+    score       in parallel: reference log-probs, reward-model scores, critic values
+    advantages  per-token reward −β·KL + score on the last token, GAE, whitening (one Ray task, whole batch)
+    update      in parallel: the policy's clipped-surrogate (+ γ·pretraining LM loss) and the critic's clipped
+                value loss, each on its data-parallel shard
+    checkpoint  engines + controller state, so a failure reloads "the last weights" and a run resumes exactly
+
+Between stages only ObjectRefs move; the controller waits on small metadata objects, every wait has a timeout.
+A worker that dies (or hangs past the timeout) mid-stage is restarted with its group, reloaded from the last
+checkpoint, and the interrupted stage is resubmitted (`jobs/ppo_runtime.py`). Config, placement and the held-out
+evaluation live in `jobs/ppo_config.py` and `jobs/ppo_eval.py`; docs/PPO.md describes the whole job.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from jobs.cli import job_main
+from jobs.ppo_config import PPOJobConfig, plan
+from jobs.ppo_runtime import Controller
+
+
+def run(cfg: PPOJobConfig) -> dict[str, Any]:
+    """Train; returns the summary (also written to runs/<name>/summary.json)."""
+    with Controller(cfg) as ctl:
+        for it in range(ctl.start_iteration, cfg.iterations):
+            t0 = time.perf_counter()
+            prompts = ctl.prompts(it)
+            rollouts = ctl.generate(it, prompts)                          # [rollout shard ref]
+            ref_logprobs, scores, values = ctl.score(it, rollouts)        # reference | reward | value, in parallel
+            batch, stats = ctl.advantages(rollouts, ref_logprobs, scores, values)
+            update = ctl.update(it, batch, rollouts)                      # policy (PPO-ptx) | value, in parallel
+            ctl.kl.update(stats["kl"], cfg.batch_size)                    # adaptive β (Ziegler et al. §2.2)
+            ctl.checkpoint(it)
+            ctl.log(it, stats, update, time.perf_counter() - t0)
+        return ctl.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main(PPOJobConfig, run, argv, prog="raygpt ppo", plan=plan)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

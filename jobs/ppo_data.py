@@ -1,0 +1,130 @@
+"""Inputs of the PPO controller: tokenizer, prompt sets (the embedded task or a file), the gold labeler and the
+PPO-ptx pretraining stream. Everything is checked before any actor starts, with errors that name the field."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.config import ConfigError
+from jobs.ppo_config import PPOJobConfig, abspath
+from models.checkpoint import CheckpointError, read_config
+
+GoldFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+def load_object(path: str, field_name: str) -> Any:
+    """`"module:attr"` → the attribute; a class is instantiated with no arguments (a task or a verifier)."""
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"{field_name}: expected 'module:attr', got {path!r}")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{field_name}: cannot import {path!r} ({e})") from None
+    return obj() if isinstance(obj, type) else obj
+
+
+def load_task(cfg: PPOJobConfig) -> Any:
+    from jobs.tasks import TaskError, build_task
+
+    try:
+        return build_task(cfg.task)
+    except TaskError as e:
+        raise ConfigError(str(e)) from None
+
+
+def load_tokenizer(cfg: PPOJobConfig) -> tuple[Any, str]:
+    from models.tokenizer import Tokenizer, TokenizerError
+
+    path = cfg.tokenizer or str(Path(cfg.policy) / "tokenizer.json")
+    where = "tokenizer" if cfg.tokenizer else "policy"
+    try:
+        tok = Tokenizer.from_file(path)
+    except (TokenizerError, OSError) as e:
+        raise ConfigError(f"{where}: cannot load the tokenizer {path} ({e})") from None
+    return tok, abspath(path) or path
+
+
+def model_config(path: str, field_name: str) -> Any:
+    try:
+        cfg, _, _ = read_config(path)
+    except CheckpointError as e:
+        raise ConfigError(f"{field_name}: {e}") from None
+    return cfg
+
+
+@dataclass
+class PromptSet:
+    texts: list[str]
+    ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @classmethod
+    def load(cls, cfg: PPOJobConfig, tok: Any, split: str, source: str | None = None,
+             limit: int | None = None) -> PromptSet:
+        """Prompts of `split` from the task, or the lines of a text file; encoded and checked against n_ctx."""
+        source = source or cfg.prompts.source
+        if source == "task":
+            try:
+                texts = list(load_task(cfg).prompts(split))
+            except ValueError as e:
+                raise ConfigError(f"prompts.split: {e}") from None
+            where = f"prompts (task split {split!r})"
+        else:
+            p = Path(source)
+            if not p.is_file():
+                raise ConfigError(f"prompts.source: no such file {source!r} (or use 'task')")
+            texts = [ln.rstrip("\n") for ln in p.read_text().splitlines() if ln.strip()]
+            where = f"prompts file {source}"
+        if limit is not None:
+            texts = texts[:limit]
+        if not texts:
+            raise ConfigError(f"prompts.source: {where} has no prompts")
+        ids = [encode_prompt(tok, t) for t in texts]
+        n_ctx = model_config(cfg.policy, "policy").n_ctx
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+        if len(ids[longest]) + cfg.sampling.max_new_tokens > n_ctx:
+            raise ConfigError(f"sampling.max_new_tokens: prompt {longest} of {where} has {len(ids[longest])} tokens; "
+                              f"+ {cfg.sampling.max_new_tokens} new tokens exceeds the policy's n_ctx={n_ctx}")
+        return cls(texts, ids)
+
+
+def encode_prompt(tok: Any, text: str) -> list[int]:
+    """A prompt as the SFT model saw it: the text's tokens (an empty prompt becomes <|endoftext|>)."""
+    return tok.encode(text) or [tok.eos_id]
+
+
+def gold_function(cfg: PPOJobConfig) -> GoldFn | None:
+    """The gold labeler for metrics: the task's (VADER), a 'module:callable', or None."""
+    if cfg.gold is None:
+        return None
+    obj = load_task(cfg) if cfg.gold == "task" else load_object(cfg.gold, "gold")
+    fn = getattr(obj, "gold_scores", obj)
+    if not callable(fn):
+        raise ConfigError(f"gold: {cfg.gold!r} is neither callable nor has gold_scores")
+    return fn
+
+
+def ptx_dataset(cfg: PPOJobConfig) -> Any:
+    """The PPO-ptx pretraining stream (train split of a prepared dataset), or None when ptx.coef is 0."""
+    if cfg.ptx.coef <= 0:
+        return None
+    from jobs.data import DataError, TokenDataset
+
+    model = model_config(cfg.policy, "policy")
+    if cfg.ptx.block_size > model.n_ctx:
+        raise ConfigError(f"ptx.block_size: {cfg.ptx.block_size} exceeds the policy's n_ctx={model.n_ctx}")
+    try:
+        ds = TokenDataset(abspath(cfg.ptx.data) or "", "train", block_size=cfg.ptx.block_size, seed=cfg.seed)
+    except (DataError, ValueError, OSError) as e:
+        raise ConfigError(f"ptx.data: {e}") from None
+    if ds.meta["vocab_size"] > model.vocab_size:
+        raise ConfigError(f"ptx.data: dataset vocabulary {ds.meta['vocab_size']} is larger than the policy's "
+                          f"{model.vocab_size}")
+    return ds

@@ -1,0 +1,446 @@
+"""The PPO controller's machinery: cluster wiring, stages with timeouts and recovery, checkpoints, metrics.
+
+`jobs/ppo.py` holds the loop; this module holds what each line of it does.
+
+Stages. A stage submits its calls to one or more role groups and waits on small metadata objects (never on the
+rollouts themselves) with `fault.stage_timeout_s`. If a worker died (RayActorError / ActorUnavailableError) or
+hung (timeout), its whole group is restarted — a data-parallel world cannot continue with a member missing —,
+reloaded from the last checkpoint (policy/value engines, the rollout workers' weights), and only that group's part
+of the stage is resubmitted with the same inputs. Inputs are ObjectRefs owned by this controller, so they outlive
+any worker. Because every random draw is a pure function of (seed, iteration, row/rank), the retried stage
+reproduces what the lost one would have computed.
+
+Checkpoints. After every iteration: the policy and value engines (DeepSpeed: weights + optimizer state), then the
+controller state (iteration, KL controller, weights version/checksum, the trajectory-defining config), then the
+`latest` pointer — each written to a temporary name and renamed, the pointer last, so a crash at any moment leaves
+the previous checkpoint intact. The same checkpoint is what fault recovery reloads and what `resume` continues.
+RNG: the prompt order, sampling seeds, minibatch order and dropout seeds derive from (seed, iteration, …), so the
+iteration number *is* the RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from actors.base import RolloutMeta, ScoreMeta, derive_seed
+from actors.groups import PolicyGroup, PromptShard, ReferenceGroup, RewardGroup, RolloutGroup, ValueGroup
+from actors.policy import UpdateResult, WeightsInfo, n_steps
+from actors.rollout import Rollout, finalize
+from cluster.placement import create_pools, remove_pools
+from cluster.runtime import init_ray, is_embedded
+from jobs.config import ConfigError, to_dict
+from jobs.ppo_config import PPOJobConfig, RoleSpecs, abspath, parse_fault, role_specs
+from jobs.runs import MetricsWriter, read_metrics, start_run
+from models.advantages import AdaptiveKLController, FixedKLController
+
+# Config fields that shape the trajectory: a resumed run must not change them (iterations, timeouts, faults,
+# placement layout and the cluster address may change).
+TRAJECTORY_FIELDS = ("seed", "batch_size", "policy", "reward_model", "reward_function", "value_init", "sampling",
+                     "kl", "ppo", "ptx", "task", "prompts.source", "prompts.split")
+
+
+class StageFailed(RuntimeError):
+    """A stage kept failing after `fault.max_stage_retries` restarts."""
+
+
+class StaleWeightsError(RuntimeError):
+    """A rollout was sampled with weights other than the policy's current ones."""
+
+
+def check_weights(metas: list[RolloutMeta], expected: WeightsInfo) -> None:
+    """Refuse any shard sampled with another weights version or checksum than the policy's (no silent staleness)."""
+    for i, m in enumerate(metas):
+        if (m.weight_version, m.weight_checksum) != (expected.version, expected.checksum):
+            raise StaleWeightsError(
+                f"weight_version: rollout shard {i} was sampled with weights version {m.weight_version} (checksum "
+                f"{m.weight_checksum[:12]}…), the policy is at version {expected.version} "
+                f"({expected.checksum[:12]}…); refusing it")
+
+
+def _same_weights(infos: list[WeightsInfo], what: str) -> WeightsInfo:
+    """All data-parallel ranks must hold identical weights; anything else is a broken world."""
+    if any(i != infos[0] for i in infos):
+        raise RuntimeError(f"{what}: data-parallel policy ranks disagree on their weights: {infos}")
+    return infos[0]
+
+
+def _finalize_task(n: int, options: dict[str, Any], *items: Any) -> tuple[Any, ...]:
+    """Ray task body: items = n rollouts, n ref log-probs, n scores, n values (resolved by Ray from refs)."""
+    shards, ref_lp, scores, values = (list(items[k * n:(k + 1) * n]) for k in range(4))
+    stats, outputs = finalize(shards, ref_lp, scores, values, **options)
+    return (stats, *[shard for out in outputs for shard in out])
+
+
+def prompt_order(n_prompts: int, seed: int, iteration: int, batch: int) -> list[int]:
+    """Prompt indices of an iteration: an endless stream of per-epoch permutations, position = iteration·batch."""
+    out, cache = [], {}
+    for pos in range(iteration * batch, (iteration + 1) * batch):
+        epoch, k = divmod(pos, n_prompts)
+        if epoch not in cache:
+            cache[epoch] = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch]))).permutation(
+                n_prompts)
+        out.append(int(cache[epoch][k]))
+    return out
+
+
+def _dotted(d: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _mean(dicts: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for d in dicts for k in d})
+    return {k: float(np.mean([d[k] for d in dicts if k in d])) for k in keys}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+@dataclass
+class Batch:
+    """Finalized rollout shards for the trainers (one ObjectRef per rank)."""
+
+    policy: list[Any]
+    value: list[Any]
+
+
+class Controller:
+    """Owns the groups, the KL controller, checkpoints and metrics. Used as a context manager by `jobs/ppo.run`."""
+
+    def __init__(self, cfg: PPOJobConfig) -> None:
+        from jobs.ppo_data import PromptSet, gold_function, load_tokenizer, ptx_dataset
+
+        self.cfg = cfg
+        self.spec = cfg.placement_spec()
+        self.tok, self.tokenizer_path = load_tokenizer(cfg)
+        self.prompts_train = PromptSet.load(cfg, self.tok, cfg.prompts.split)
+        self.gold = gold_function(cfg)
+        self.ptx = ptx_dataset(cfg)
+        self.n_policy = self.spec.roles["policy"].replicas
+        self.n_value = self.spec.roles["value"].replicas
+        self.generator_role, self.n_gen = cfg.generators(self.spec)
+        self.specs: RoleSpecs = role_specs(cfg, self.tok.eos_id, self.tokenizer_path, self.n_policy, self.n_value)
+        self.kl = (AdaptiveKLController(cfg.kl.init_beta, cfg.kl.target, cfg.kl.horizon)
+                   if cfg.kl.controller == "adaptive" else FixedKLController(cfg.kl.init_beta))
+        self.faults = [parse_fault(f) for f in cfg.fault.inject]
+        for role, _, _ in self.faults:
+            if role == "rollout" and self.generator_role != "rollout":
+                raise ConfigError("fault.inject: role 'rollout' has no replicas in this placement")
+        self.fired: set[tuple[str, int, str]] = set()
+        self.run_dir = cfg.run_dir()
+        self.state_dir = self.run_dir / "trainer_state"
+        self.fault_dir = self.run_dir / ".faults"
+        self.start_iteration = 0
+        self.tag: str | None = None  # checkpoint the workers reload on failure (None: their initial checkpoints)
+        self.recoveries = 0
+        self.timings: dict[str, float] = {}
+        self._prepare_run_dir()
+
+    # --- run directory / resume -------------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        cfg = self.cfg
+        shutil.rmtree(self.fault_dir, ignore_errors=True)  # never inherit an armed crash
+        latest = self.state_dir / "latest"
+        if cfg.resume:
+            if not latest.is_file():
+                raise ConfigError(f"resume: {latest} does not exist (nothing to resume in {self.run_dir})")
+            self.tag = latest.read_text().strip()
+            state = json.loads((self.state_dir / "controller" / f"{self.tag}.json").read_text())
+            saved, now = state["config"], to_dict(cfg)
+            for key in TRAJECTORY_FIELDS:
+                old, new = _dotted(saved, key), _dotted(now, key)
+                if old != new:
+                    raise ConfigError(f"{key}: differs from the run being resumed ({old!r} → {new!r}); only "
+                                      f"iterations, evaluation, placement layout, faults and timeouts may change")
+            for role, n in (("policy", self.n_policy), ("value", self.n_value)):
+                saved_n = state["replicas"][role]
+                if saved_n != n:
+                    raise ConfigError(f"placement.replicas.{role}: the checkpoint was written by {saved_n} ranks, "
+                                      f"got {n}")
+            self.start_iteration = int(state["iteration"])
+            self.kl.load_state_dict(state["kl"])
+            self.resumed_weights = WeightsInfo(**state["weights"])
+            # Rows logged after this checkpoint by the interrupted run are redone now: drop them.
+            rows = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= self.start_iteration]
+            _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        else:
+            for stale in (self.state_dir, self.run_dir / "metrics.jsonl", self.run_dir / "tb"):
+                if stale.exists():
+                    print(f"[ppo] starting fresh: replacing {stale}", flush=True)
+                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        start_run(cfg, cfg.name, cfg.runs_root)
+        self.metrics = MetricsWriter(self.run_dir)
+
+    # --- cluster ----------------------------------------------------------------------------------------------
+    def __enter__(self) -> Controller:
+        import ray
+
+        self._started_ray = not ray.is_initialized()
+        init_ray(self.cfg.address, num_cpus=self.cfg.num_cpus)
+        self.pools = create_pools(self.spec, timeout_s=min(self.cfg.fault.stage_timeout_s, 120.0),
+                                  name_prefix=f"ppo-{self.cfg.name}")
+        kw = dict(rendezvous="file" if is_embedded(self.cfg.address) else "tcp",
+                  rendezvous_dir=str(self.run_dir / ".rendezvous"), max_restarts=self.cfg.fault.max_restarts,
+                  timeout_s=self.cfg.fault.stage_timeout_s,
+                  fault_dir=str(self.fault_dir.resolve()) if self.faults else None)
+        s = self.specs
+        self.groups: dict[str, Any] = {}
+        try:
+            self.policy = self.groups["policy"] = PolicyGroup(s.policy, self.spec, self.pools, **kw)
+            self.reference = self.groups["reference"] = ReferenceGroup(s.reference, self.spec, self.pools, **kw)
+            self.reward = self.groups["reward"] = RewardGroup(s.reward, self.spec, self.pools, **kw)
+            self.value = self.groups["value"] = ValueGroup(s.value, self.spec, self.pools, **kw)
+            self.rollout = None
+            if self.generator_role == "rollout":
+                self.rollout = self.groups["rollout"] = RolloutGroup(s.rollout, self.spec, self.pools, **kw)
+            t0 = time.perf_counter()
+            for g in self.groups.values():
+                g.ready()
+            self._setup("policy")
+            self._setup("value")
+            if self.cfg.resume and self.expected != self.resumed_weights:
+                raise RuntimeError(f"resume: policy weights {self.expected} differ from the checkpoint's record "
+                                   f"{self.resumed_weights}")
+            self.timings["startup"] = time.perf_counter() - t0
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for g in getattr(self, "groups", {}).values():
+            try:
+                g.shutdown()
+            except Exception:  # noqa: BLE001 - best effort on the way out; the pools are removed next
+                pass
+        remove_pools(getattr(self, "pools", {}))
+        self.metrics.close()
+        if getattr(self, "_started_ray", False):
+            import ray
+
+            ray.shutdown()
+
+    def _snapshot(self, role: str) -> tuple[str, str] | None:
+        return None if self.tag is None else (str((self.state_dir / role).resolve()), self.tag)
+
+    def _setup(self, role: str) -> None:
+        """(Re)build a trainer group's engines from the last checkpoint; re-sync rollout workers."""
+        if role == "policy":
+            self.expected = _same_weights(self.policy.get(self.policy.setup(self._snapshot("policy"))), "setup")
+            self._sync_rollout()
+        elif role == "value":
+            self.value.get(self.value.setup(self._snapshot("value")))
+        elif role == "rollout":
+            self._sync_rollout()
+
+    def _sync_rollout(self) -> None:
+        """Send the policy's weights to every rollout worker; each must report the policy's version + checksum."""
+        if self.rollout is None:
+            return
+        t0 = time.perf_counter()
+        message = self.policy.weights()
+        for version, checksum in self.rollout.get(self.rollout.load_weights(message)):
+            if (version, checksum) != (self.expected.version, self.expected.checksum):
+                raise StaleWeightsError(f"weight_version: a rollout worker loaded version {version} "
+                                        f"({checksum[:12]}…), the policy is at {self.expected}")
+        self.timings["sync"] = time.perf_counter() - t0
+
+    def _recover(self, role: str, timed_out: bool) -> None:
+        self.recoveries += 1
+        group = self.groups[role]
+        if group.distributed or timed_out:
+            group.replace()  # a DP world (or a hung replica) cannot be patched: fresh processes, fresh world
+        else:
+            group.ready()  # Ray restarts a crashed independent replica by itself (max_restarts): wait for it
+        self._setup(role)
+
+    # --- stages -----------------------------------------------------------------------------------------------
+    def _stage(self, it: int, stage: str, calls: dict[str, Callable[[], tuple[list[Any], Any]]],
+               during: Callable[[], None] | None = None) -> dict[str, tuple[list[Any], Any]]:
+        """Submit every role's part (call → (refs to wait on, outputs)), then wait; recover + resubmit on failure.
+
+        Returns role → (waited results, outputs)."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+        t0 = time.perf_counter()
+        for fault in self.faults:  # arm before submitting: the worker crashes inside this stage's call
+            role, at, where = fault
+            if (at, where) == (it, stage) and fault not in self.fired and role in calls:
+                self.fired.add(fault)
+                print(f"[ppo] fault injection: {role}[0] will exit mid-call during {stage} of iteration {it}",
+                      flush=True)
+                self.fault_dir.mkdir(parents=True, exist_ok=True)
+                (self.fault_dir / role).touch()
+        submitted = {role: call() for role, call in calls.items()}
+        if during is not None:
+            during()
+        out: dict[str, tuple[list[Any], Any]] = {}
+        for role, call in calls.items():
+            wait, outputs = submitted[role]
+            for attempt in range(self.cfg.fault.max_stage_retries + 1):
+                try:
+                    out[role] = (ray.get(wait, timeout=self.cfg.fault.stage_timeout_s), outputs)
+                    break
+                except (RayActorError, ActorUnavailableError, GetTimeoutError) as e:
+                    if attempt == self.cfg.fault.max_stage_retries:
+                        raise StageFailed(f"{stage}: the {role} group failed {attempt + 1} times in iteration {it}; "
+                                          f"last error: {type(e).__name__}: {e}") from e
+                    print(f"[ppo] iteration {it} {stage}: {role} worker lost ({type(e).__name__}); restarting the "
+                          f"{role} group from the last checkpoint and retrying", flush=True)
+                    self._recover(role, timed_out=isinstance(e, GetTimeoutError))
+                    wait, outputs = call()
+        self.timings[stage] = time.perf_counter() - t0
+        return out
+
+    def prompts(self, it: int) -> list[PromptShard]:
+        """This iteration's prompts, cut into one contiguous shard per generator replica, with per-row seeds."""
+        rows = prompt_order(len(self.prompts_train), self.cfg.seed, it, self.cfg.batch_size)
+        ids = [self.prompts_train.ids[r] for r in rows]
+        seeds = [derive_seed(self.cfg.seed, it, row) for row in range(len(ids))]
+        bounds = [i * len(ids) // self.n_gen for i in range(self.n_gen + 1)]
+        return [PromptShard(ids[a:b], list(range(a, b)), seeds[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+    def generate(self, it: int, shards: list[PromptShard]) -> list[Any]:
+        group = self.rollout if self.rollout is not None else self.policy
+
+        def call() -> tuple[list[Any], Any]:
+            pairs = group.generate(shards)
+            return [m for m, _ in pairs], [r for _, r in pairs]
+
+        metas, refs = self._stage(it, "generate", {self.generator_role: call})[self.generator_role]
+        check_weights(metas, self.expected)
+        self.rollout_bytes = sum(m.nbytes for m in metas)
+        return refs
+
+    def score(self, it: int, rollouts: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
+        def split(pairs: list[tuple[Any, Any]]) -> tuple[list[Any], Any]:
+            return [m for m, _ in pairs], [p for _, p in pairs]
+
+        res = self._stage(it, "score", {
+            "reference": lambda: split(self.reference.compute_logprobs(rollouts)),
+            "reward": lambda: split(self.reward.score(rollouts)),
+            "value": lambda: split(self.value.compute_values(rollouts)),
+        })
+        metas: list[ScoreMeta] = res["reward"][0]
+        self.proxy_reward = sum(m.mean * m.rows for m in metas) / max(1, sum(m.rows for m in metas))
+        return res["reference"][1], res["reward"][1], res["value"][1]
+
+    def advantages(self, rollouts: list[Any], ref_logprobs: list[Any], scores: list[Any], values: list[Any]
+                   ) -> tuple[Batch, dict[str, float]]:
+        import ray
+
+        t0 = time.perf_counter()
+        splits = [self.n_policy] if self.n_policy == self.n_value else [self.n_policy, self.n_value]
+        options = dict(beta=self.kl.beta, kl_estimator=self.cfg.kl.estimator, gamma=self.cfg.ppo.gamma,
+                       lam=self.cfg.ppo.lam, whiten_advantages=self.cfg.ppo.whiten_advantages, splits=splits)
+        task = ray.remote(_finalize_task).options(num_cpus=0, num_returns=1 + sum(splits), max_retries=2)
+        refs = task.remote(len(rollouts), options, *rollouts, *ref_logprobs, *scores, *values)
+        stats = dict(ray.get(refs[0], timeout=self.cfg.fault.stage_timeout_s))
+        stats["beta"] = self.kl.beta
+        policy = list(refs[1:1 + self.n_policy])
+        value = list(refs[1 + self.n_policy:]) if len(splits) == 2 else policy
+        self.timings["advantages"] = time.perf_counter() - t0
+        return Batch(policy, value), stats
+
+    def _ptx_shards(self, it: int) -> list[Any]:
+        """Per policy rank: (steps, rows, block+1) pretraining blocks for iteration `it`, put separately."""
+        import ray
+
+        if self.ptx is None:
+            return [None] * self.n_policy
+        upd = self.specs.policy.update
+        steps = n_steps(self.cfg.batch_size // self.n_policy, upd)
+        blocks = np.stack([self.ptx.batch_at(it * steps + s, self.cfg.ptx.batch_size) for s in range(steps)])
+        per = self.cfg.ptx.batch_size // self.n_policy
+        return [ray.put(np.ascontiguousarray(blocks[:, r * per:(r + 1) * per])) for r in range(self.n_policy)]
+
+    def update(self, it: int, batch: Batch, rollouts: list[Any]) -> dict[str, float]:
+        ptx = self._ptx_shards(it)
+        self.gold_reward: float | None = None
+
+        def gold() -> None:  # scored on the controller while the trainers work
+            if self.gold is not None:
+                import ray
+
+                from actors.reward import decode_rollout
+
+                parts: list[Rollout] = ray.get(rollouts, timeout=self.cfg.fault.stage_timeout_s)
+                texts = [decode_rollout(r, self.tok.decode, self.tok.eos_id) for r in parts]
+                prompts = [p for t in texts for p in t[0]]
+                responses = [r for t in texts for r in t[1]]
+                self.gold_reward = float(np.mean(self.gold(prompts, responses)))
+                self.sample = (prompts[0], responses[0])
+
+        res = self._stage(it, "update", {
+            "policy": lambda: (refs := self.policy.update(batch.policy, ptx, it), refs),
+            "value": lambda: (refs := self.value.update(batch.value, it), refs),
+        }, during=gold)
+        results: list[UpdateResult] = res["policy"][0]
+        self.expected = _same_weights([r.weights for r in results], "update")
+        if self.rollout is not None:
+            self._sync_rollout()
+        return {**_mean([r.metrics for r in results]), **_mean(res["value"][0])}
+
+    # --- checkpoint / metrics ---------------------------------------------------------------------------------
+    def checkpoint(self, it: int) -> None:
+        t0 = time.perf_counter()
+        tag = f"iter-{it + 1:06d}"
+        policy_dir, value_dir = self.state_dir / "policy", self.state_dir / "value"
+        self.policy.get(self.policy.save(str(policy_dir.resolve()), tag) + self.value.save(str(value_dir.resolve()),
+                                                                                           tag))
+        ctl_dir = self.state_dir / "controller"
+        ctl_dir.mkdir(parents=True, exist_ok=True)
+        state = {"iteration": it + 1, "kl": self.kl.state_dict(), "seed": self.cfg.seed,
+                 "prompt_position": (it + 1) * self.cfg.batch_size,
+                 "weights": {"version": self.expected.version, "checksum": self.expected.checksum},
+                 "replicas": {"policy": self.n_policy, "value": self.n_value}, "config": to_dict(self.cfg)}
+        _write_atomic(ctl_dir / f"{tag}.json", json.dumps(state, indent=1))
+        _write_atomic(self.state_dir / "latest", tag + "\n")
+        self.tag = tag
+        tags = sorted(p.stem for p in ctl_dir.glob("iter-*.json"))
+        for old in tags[:-self.cfg.keep_checkpoints]:
+            for d in (policy_dir / old, value_dir / old):
+                shutil.rmtree(d, ignore_errors=True)
+            (ctl_dir / f"{old}.json").unlink(missing_ok=True)
+        self.timings["checkpoint"] = time.perf_counter() - t0
+
+    def log(self, it: int, stats: dict[str, float], update: dict[str, float], seconds: float) -> dict[str, Any]:
+        work = sum(self.timings.get(k, 0.0) for k in ("generate", "score", "advantages", "update", "sync"))
+        row = self.metrics.write(
+            it + 1, iteration=it + 1, gold_reward=self.gold_reward, proxy_reward=stats["proxy_reward"],
+            **{k: v for k, v in stats.items() if k != "proxy_reward"}, **update,
+            **{f"time_{k}": round(v, 4) for k, v in self.timings.items() if k != "startup"},
+            time_iteration=round(seconds, 4), samples_per_s=self.cfg.batch_size / max(work, 1e-9),
+            rollout_bytes=self.rollout_bytes, recoveries=self.recoveries, weight_version=self.expected.version)
+        gold = "   n/a" if self.gold_reward is None else f"{self.gold_reward:+.3f}"
+        print(f"[ppo] iter {it + 1}/{self.cfg.iterations}  gold {gold}  proxy {stats['proxy_reward']:+.3f}  "
+              f"kl {stats['kl']:.3f}  β {stats['beta']:.4f}  entropy {update.get('entropy', 0):.2f}  "
+              f"clipfrac {update.get('clipfrac', 0):.3f}  {row['samples_per_s']:.1f} samples/s", flush=True)
+        return row
+
+    def finish(self) -> dict[str, Any]:
+        """Export the final policy as an HF checkpoint, evaluate on held-out prompts, write the report."""
+        from jobs.ppo_eval import export_policy, heldout_eval, write_report
+
+        checkpoint = export_policy(self.policy.get(self.policy.weights()), self.cfg, self.run_dir / "checkpoint",
+                                   self.tokenizer_path)
+        summary: dict[str, Any] = {"checkpoint": str(checkpoint), "iterations": self.cfg.iterations,
+                                   "recoveries": self.recoveries, "startup_s": round(self.timings.get("startup", 0), 2)}
+        if self.cfg.prompts.eval_size > 0:
+            summary["eval"] = heldout_eval(self.cfg, self.tok, checkpoint, abspath(self.cfg.policy) or "", self.gold)
+        write_report(self.run_dir, summary)
+        return summary
