@@ -177,6 +177,16 @@ def serve_config(cfg: DemoConfig) -> Any:
         raise StageError(f"stage 'serve': {e}") from None
 
 
+def _api_key(scfg: Any) -> str | None:
+    import os
+
+    from jobs.serve import API_KEY_ENV
+
+    if scfg.http.api_key_file:
+        return Path(scfg.http.api_key_file).expanduser().read_text().strip()
+    return os.environ.get(API_KEY_ENV, "").strip() or None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -197,8 +207,11 @@ def serve_one_request(cfg: DemoConfig, out: Path) -> dict[str, Any]:
         url = f"http://{scfg.http.host}:{scfg.http.port}{scfg.http.route_prefix.rstrip('/')}/v1/completions"
         body = {"model": cfg.request.model, "prompt": cfg.request.prompt, "max_tokens": cfg.request.max_tokens,
                 "temperature": 0}
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        key = _api_key(scfg)
+        if key:  # the app requires the key when $RAYGPT_API_KEY or http.api_key_file is set
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=headers)
         t0 = time.perf_counter()
         with urllib.request.urlopen(req, timeout=120) as r:
             reply = json.loads(r.read())
