@@ -262,12 +262,15 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     init_ray(cfg.address, num_cpus=cfg.num_cpus)
     print(f"[demo] {total} stages on Ray ({'embedded 127.0.0.1' if is_embedded(cfg.address) else cfg.address}); "
           f"outputs in {root}/", flush=True)
+    rerun = False
     try:
         for i, p in enumerate(planned, 1):
             prev = state.get(p.stage.name, {})
-            if cfg.resume and prev.get("status") == "done" and prev.get("config_sha") == p.sha:
+            # a stage is kept only if it and every stage before it are unchanged (its inputs are theirs)
+            if cfg.resume and not rerun and prev.get("status") == "done" and prev.get("config_sha") == p.sha:
                 print(f"[demo {i}/{total}] {p.stage.name}: kept from the previous run", flush=True)
                 continue
+            rerun = True
             _banner(i, total, p.stage.name, p.stage.title, t_start)
             state[p.stage.name] = {"status": "running", "config_sha": p.sha}
             _save_state(state_path, state)
@@ -309,7 +312,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     from jobs.report import write_report
 
     try:
-        report = write_report(root, cfg, state)
+        report = write_report(root, cfg, state, time.perf_counter() - t_start)
     except Exception as e:
         raise StageError(f"stage 'report' failed: {type(e).__name__}: {e}") from e
     wall = time.perf_counter() - t_start

@@ -56,7 +56,7 @@ def plot_lm(root: Path) -> Path:
     pre_rows, sft_rows = read_metrics(pre), read_metrics(sft)
     ax = axes[0]
     ax.plot(*_require(pre_rows, "loss", pre), label="train")
-    ax.plot(*_require(pre_rows, "val_loss", pre), "o-", label="validation (held-out plays)")
+    ax.plot(*_require(pre_rows, "val_loss", pre), "o-", label="validation (held-out documents)")
     ax.set(title="Pretraining: LM loss", xlabel="step", ylabel="cross-entropy (nats/token)")
     ax.legend()
     ax = axes[1]
@@ -148,7 +148,7 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def write_report(root: Path, cfg: Any, state: dict[str, Any]) -> dict[str, Any]:
+def write_report(root: Path, cfg: Any, state: dict[str, Any], wall_seconds: float | None = None) -> dict[str, Any]:
     """Write root/report.md and its plots; returns {"path", "headline": [lines], "numbers": {...}}."""
     root = Path(root)
     ev = load_eval(root)
@@ -166,10 +166,11 @@ def write_report(root: Path, cfg: Any, state: dict[str, Any]) -> dict[str, Any]:
     lines = [
         f"# raygpt demo report — `{root}`", "",
         f"{time.strftime('%Y-%m-%d %H:%M')} · {os.cpu_count()} CPU cores · {platform.machine()} · "
-        f"total {_total_minutes(state):.1f} min", "",
-        "The InstructGPT pipeline on the embedded defaults: a GPT pretrained on Shakespeare's plays, fine-tuned on "
-        "positive continuations written by the simulated labeler (VADER), a K-wise reward model trained on the "
-        "labeler's rankings, and PPO-ptx against that reward model. Held-out prompts were never trained on.", "",
+        f"total {(wall_seconds if wall_seconds is not None else _total_seconds(state)) / 60:.1f} min", "",
+        f"The InstructGPT pipeline: a GPT pretrained on the `{cfg.corpus}` corpus, fine-tuned on positive verse "
+        "continuations approved by the simulated labeler (VADER), a K-wise reward model trained on the labeler's "
+        "rankings of sampled responses, and PPO-ptx against that reward model. Held-out prompts were never "
+        "trained on.", "",
         "## Result", "",
         "| | value |", "|---|---|",
         f"| **win rate of PPO over SFT** (labeler = VADER, held-out prompts, ties = ½) | **{_fmt(win, True)}** "
@@ -245,5 +246,5 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
-def _total_minutes(state: dict[str, Any]) -> float:
-    return sum(v.get("seconds", 0) for v in state.values() if isinstance(v, dict)) / 60
+def _total_seconds(state: dict[str, Any]) -> float:
+    return sum(v.get("seconds", 0) for v in state.values() if isinstance(v, dict))
