@@ -48,7 +48,6 @@ import math
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -108,6 +107,8 @@ class ParallelConfig:
     num_workers: int = field(1, help="Ray Train workers = torch.distributed world size (max when elastic)")
     min_workers: int | None = field(None, help="elastic: Ray Train may run with min_workers..num_workers "
                                                "(data parallel only; tensor = pipeline = 1)")
+    elastic_interval_s: float = field(60.0, help="elastic: how often Ray Train checks whether the worker group "
+                                                 "can grow (it restarts from the latest checkpoint to do so)")
     use_gpu: bool = field(False, help="one GPU per worker, nccl, bf16 (CPU: gloo, fp32)")
     cpus_per_worker: int = field(1, help="CPUs reserved per worker = torch threads per worker on CPU")
     tensor: int = field(1, help="tensor-parallel degree (Megatron column/row-parallel layers)")
@@ -572,11 +573,11 @@ def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig,
     parallel.check_model(model_cfg)
 
     restore_dir, saved, ray_ckpt_ctx = _find_restore(resume_from)
-    load_universal = False
+    load_universal = converter = False
     if saved is not None:
         _check_compatible(saved, model_cfg, ctx)
         if saved["topology"]["data"] != ctx.dp_size and saved.get("zero_stage", 0) > 0:
-            restore_dir = _to_universal(restore_dir, ctx)
+            restore_dir, converter = _to_universal(restore_dir, ctx)
             load_universal = True
 
     if ctx.topology.tp > 1:
@@ -607,15 +608,12 @@ def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig,
                                   extra=saved.get("extra", {}))
     if ray_ckpt_ctx is not None:
         ray_ckpt_ctx.__exit__(None, None, None)
-    if load_universal and ctx.local_rank == 0:
+    if load_universal:
         import torch.distributed as dist
 
-        dist.barrier()
-        shutil.rmtree(restore_dir, ignore_errors=True)
-    elif load_universal:
-        import torch.distributed as dist
-
-        dist.barrier()
+        dist.barrier()  # everyone has loaded: the converted copy can go
+        if converter:
+            shutil.rmtree(restore_dir, ignore_errors=True)
     return engine
 
 
@@ -646,26 +644,35 @@ def _check_compatible(saved: dict[str, Any], model_cfg: Any, ctx: WorkerContext)
                           "size may change on resume)")
 
 
-def _to_universal(directory: str, ctx: WorkerContext) -> str:
-    """Convert a ZeRO checkpoint saved at another DP size into DeepSpeed's universal format (one conversion per
-    node, by its local rank 0), returning the directory to load with `load_universal`."""
+def _to_universal(directory: str, ctx: WorkerContext) -> tuple[str, bool]:
+    """Convert a ZeRO checkpoint saved at another DP size into DeepSpeed's universal format. One conversion per
+    Ray node (by its lowest rank) into node-local temp space; returns (directory to load with `load_universal`,
+    whether this rank converted it and so removes it after loading)."""
+    import hashlib
     import subprocess
     import sys
 
+    import ray
     import torch.distributed as dist
 
-    out = Path(tempfile.gettempdir()) / f"raygpt-universal-{abs(hash(directory)) % 10**12}"
-    if ctx.local_rank == 0:
+    node = ray.get_runtime_context().get_node_id()
+    nodes: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(nodes, node)
+    converter = nodes.index(node) == ctx.rank
+    digest = hashlib.sha256(str(Path(directory).resolve()).encode()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"raygpt-universal-{digest}-{node[:16]}"
+    if converter:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                        str(Path(directory) / DS_TAG), "--output_folder", str(out / DS_TAG),
-                        "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                       check=True, capture_output=True)
-        if (Path(directory) / STATE_FILE).is_file():
-            shutil.copy(Path(directory) / STATE_FILE, out / STATE_FILE)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(Path(directory) / DS_TAG), "--output_folder", str(out / DS_TAG),
+                               "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"checkpoint {directory}: conversion to a universal checkpoint failed:\n"
+                               f"{proc.stderr[-2000:]}")
     dist.barrier()
-    return str(out)
+    return str(out), converter
 
 
 # --- throughput and MFU ----------------------------------------------------------------------------------------
@@ -695,154 +702,16 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
     return 2.0 * n**3 * iters / (time.perf_counter() - t0)
 
 
-# --- driver side: launch + metrics ----------------------------------------------------------------------------
-def _single_node() -> bool:
-    import ray
-
-    return len([n for n in ray.nodes() if n.get("Alive")]) <= 1
-
-
-def metrics_callback(run_dir: str) -> Any:
-    """Ray Train callback (runs in the Train controller): rank 0's report → one row of run_dir/metrics.jsonl.
-
-    A restart after a worker failure replays the steps after the restored checkpoint; their old rows are dropped
-    (the file is rewritten up to the restored step, tmp + rename) so every step appears once, with the values
-    of the attempt that counted."""
-    from ray.train import UserCallback
-
-    class MetricsCallback(UserCallback):
-        def __init__(self) -> None:
-            self.writer: Any = None
-            self.last_step = -1
-
-        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            from jobs.runs import MetricsWriter
-
-            report = metrics[0] if metrics else {}
-            rows = report.get("rows", [report] if "step" in report else [])
-            for row in rows:
-                row = dict(row)
-                step = row.pop("step")
-                if self.writer is None:
-                    self.writer = MetricsWriter(run_dir)
-                    self.last_step = max([-1, *(r.get("step", -1) for r in _read_rows(self.writer.path))])
-                if step <= self.last_step:  # replay after a restore: forget the superseded rows
-                    self.writer.close()
-                    _truncate_rows(Path(run_dir) / "metrics.jsonl", step)
-                    self.writer = MetricsWriter(run_dir)
-                self.writer.write(step, **row)
-                self.last_step = step
-
-    return MetricsCallback()
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate_rows(path: Path, step: int) -> None:
-    keep = [r for r in _read_rows(path) if r.get("step", -1) < step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    tmp.replace(path)
-
-
-class Progress:
-    """Driver-side progress bar: tails metrics.jsonl while `trainer.fit()` blocks the main thread."""
-
-    def __init__(self, run_dir: Path, total: int, keys: tuple[str, ...] = ("loss", "val_ppl", "tokens_per_s")):
-        self.path, self.total, self.keys = run_dir / "metrics.jsonl", total, keys
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._shown = -1
-
-    def __enter__(self) -> Progress:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._render(final=True)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(1.0):
-            self._render()
-
-    def _render(self, final: bool = False) -> None:
-        rows = _read_rows(self.path)
-        if not rows:
-            return
-        last = rows[-1]
-        step = last.get("step", 0)
-        if step == self._shown and not final:
-            return
-        self._shown = step
-        frac = min(1.0, step / max(self.total, 1))
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        vals = {k: last[k] for k in self.keys if k in last}
-        for r in reversed(rows):  # the latest validation value, which is logged less often
-            if "val_ppl" in r:
-                vals.setdefault("val_ppl", r["val_ppl"])
-                break
-        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items())
-        print(f"\r[{bar}] step {step}/{self.total} {text}", end="\n" if final else "", flush=True)
-
-
+# --- driver side -------------------------------------------------------------------------------------------------
 def launch(train_loop_per_worker: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
            parallel: ParallelConfig, run_dir: Path, max_failures: int, name: str = "trainer_state",
            keep: int = 2, progress_steps: int | None = None) -> Any:
-    """Run `train_loop_per_worker(loop_config)` on `parallel.num_workers` Ray Train workers; returns the
-    `ray.train.Result` (raises its error). Ray must be initialised (cluster.runtime.init_ray).
+    """Run `train_loop_per_worker(loop_config)` on Ray Train workers; returns the `ray.train.Result`.
+    Implemented in jobs/launch.py (the driver side: TorchTrainer, metrics.jsonl callback, progress bar)."""
+    from jobs.launch import launch as _launch
 
-    Checks before any worker starts: the layout (`parallel.validate()`), and on a one-node cluster that it has
-    the CPUs/GPUs the workers need (Ray would otherwise wait forever). Checkpoints land in
-    run_dir/<name>/step-XXXXXXXX/ (re-running the same run_dir continues from the latest one, Ray Train's
-    job-level restore); metrics.jsonl in run_dir.
-    """
-    import ray
-    from ray.train import CheckpointConfig as RayCheckpointConfig
-    from ray.train import FailureConfig as RayFailureConfig
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from cluster.distributed import torch_config
-
-    parallel.validate()
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    single = _single_node()
-    need = {"CPU": parallel.cpus_per_worker * (parallel.min_workers or parallel.num_workers)}
-    if parallel.use_gpu:
-        need["GPU"] = parallel.min_workers or parallel.num_workers
-    if single:
-        have = ray.cluster_resources()
-        for res, n in need.items():
-            if have.get(res, 0) < n:
-                raise ConfigError(f"parallel.num_workers: {parallel.num_workers} workers need {n} {res} "
-                                  f"(cpus_per_worker={parallel.cpus_per_worker}), the cluster has {have.get(res, 0)}")
-    file_store = parallel.rendezvous == "file" or (parallel.rendezvous == "auto" and single)
-    backend = torch_config(file_store, run_dir / ".rendezvous", use_gpu=parallel.use_gpu)
-    workers: Any = (parallel.min_workers, parallel.num_workers) if parallel.elastic else parallel.num_workers
-    resources = {"CPU": parallel.cpus_per_worker, **({"GPU": 1} if parallel.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config, torch_config=backend,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=parallel.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=name, storage_path=str(run_dir), failure_config=RayFailureConfig(max_failures=max_failures),
-            checkpoint_config=RayCheckpointConfig(num_to_keep=keep), callbacks=[metrics_callback(str(run_dir))]),
-    )
-    if progress_steps:
-        with Progress(run_dir, progress_steps):
-            result = trainer.fit()
-    else:
-        result = trainer.fit()
-    shutil.rmtree(run_dir / ".rendezvous", ignore_errors=True)
-    if result.error is not None:
-        raise result.error
-    return result
+    return _launch(train_loop_per_worker, loop_config, parallel, run_dir, max_failures, name=name, keep=keep,
+                   progress_steps=progress_steps)
 
 
 def perplexity(loss: float) -> float:

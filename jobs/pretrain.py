@@ -155,11 +155,14 @@ def plan(cfg: PretrainConfig) -> str:
             f"{o.micro_batch_size * o.grad_accum * topo.dp} sequences")
 
 
-def run(cfg: PretrainConfig, inject_failure: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(cfg: PretrainConfig, inject_failure: dict[str, Any] | None = None,
+        holds: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train; returns a summary (also written to runs/<name>/summary.json).
 
-    inject_failure (tests): {"step": k, "rank": r, "marker": path} makes rank r raise before its step k+1 once
-    (the marker file records that it did), to exercise the restart from the latest checkpoint."""
+    Test hooks: inject_failure {"step": k, "rank": r, "marker": path} makes rank r raise before its step k+1 once
+    (the marker file records that it did), to exercise the restart from the latest checkpoint; holds
+    [{"dp": d, "step": k, "file": path}] make a group of data-parallel size d wait before its step k+1 while
+    the file exists, so a test can resize the cluster at a known point of the run."""
     from cluster.runtime import init_ray
     from jobs.runs import start_run
 
@@ -169,7 +172,7 @@ def run(cfg: PretrainConfig, inject_failure: dict[str, Any] | None = None) -> di
     t0 = time.perf_counter()
     loop_config = {
         "cfg": cfg, "model": mcfg.to_dict(), "run_dir": str(run_dir), "data_dir": str(Path(cfg.data.dir).resolve()),
-        "tokenizer": _tokenizer_path(cfg, meta), "inject_failure": inject_failure,
+        "tokenizer": _tokenizer_path(cfg, meta), "inject_failure": inject_failure, "holds": holds or [],
         "resume_from": str(Path(cfg.checkpoint.resume_from).resolve()) if cfg.checkpoint.resume_from else None,
         "init_from": str(Path(cfg.model.init_from).resolve()) if cfg.model.init_from else None,
     }
@@ -232,6 +235,9 @@ def train_loop(c: dict[str, Any]) -> None:
         if fail and step == fail["step"] and ctx.rank == fail["rank"] and not Path(fail["marker"]).exists():
             Path(fail["marker"]).write_text(f"rank {ctx.rank} failed before step {step + 1}\n")
             raise RuntimeError(f"injected failure on rank {ctx.rank} before step {step + 1}")
+        for hold in c["holds"]:
+            while hold["dp"] == ctx.dp_size and hold["step"] == step and Path(hold["file"]).exists():
+                time.sleep(0.2)
         batch = _lm_batch(train.batch_at(step, rows))
         t0 = time.perf_counter()
         m = engine.train_step(batch)
@@ -239,7 +245,7 @@ def train_loop(c: dict[str, Any]) -> None:
         step_tokens = batch["input_ids"].numel() * ctx.dp_size
         loop_tokens += step_tokens
         row = {**m, "tokens_per_s": step_tokens / dt, "mfu": step_tokens * flops_tok / dt / float(peak),
-               "epoch": train.epoch_of(step * rows)}
+               "epoch": train.epoch_of(step * rows), "dp": ctx.dp_size}
         s = engine.state.step
         if s % cfg.eval.every_n_steps == 0 or s == o.max_steps:
             row.update(validate())
