@@ -1,0 +1,281 @@
+"""`raygpt eval`: held-out evaluation of any checkpoints (InstructGPT §4; DESIGN.md "Embedded RLHF task").
+
+For every language-model checkpoint in `models` (label → directory):
+- gold score: the task's labeler (VADER for the embedded task) on one sampled response per held-out prompt;
+- proxy score: the reward model's score of the same responses (normalised: SFT demonstrations average 0), so
+  over-optimisation of the proxy shows up as proxy rising while gold does not;
+- perplexity on held-out text (the corpus documents held out of pretraining);
+- the zero/few-shot prompt formats ("TL;DR:", Q/A, "english = french"; jobs/tasks/formats.py).
+For every ordered pair of models, the labeler's win rate of A over B on the same prompts (ties count ½), and for
+the reward model its pairwise accuracy on held-out comparisons (all pairs, and the pairs the labeler did not tie).
+
+Outputs in runs/<name>/: metrics.jsonl (one row with every number), summary.json (the same, nested), samples.jsonl
+(prompt, each model's response, gold and proxy scores). Runs in-process on the driver: the tiny defaults take
+seconds, and no Ray cluster is needed to read checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.cli import job_main
+from jobs.comparisons import SamplingSection, sample_responses, sample_seed
+from jobs.config import ConfigError, field
+from jobs.tasks import Task, TaskConfig, TaskError, build_task, read_comparisons
+
+
+@dataclass
+class PerplexitySection:
+    """Perplexity on held-out text."""
+
+    corpus: str = field("shakespeare", help="corpus whose held-out documents are scored ('' = skip)")
+    validation_fraction: float = field(0.1, help="held-out document fraction (as in `prepare`)")
+    max_tokens: int = field(16384, help="score at most this many tokens")
+
+
+@dataclass
+class FormatsSection:
+    """Zero/few-shot prompt formats."""
+
+    names: list[str] = field(["tldr", "qa", "translation"], help="formats to run ([] = skip)")
+    shots: list[int] = field([0, 3], help="numbers of in-context examples")
+    file: str = field("", help="JSON file with more formats (see jobs/tasks/formats.py)")
+    max_new_tokens: int = field(12, help="greedy completion length")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate checkpoints: gold/proxy score, win rates, RM accuracy, perplexity, prompt formats."""
+
+    name: str = field("eval", help="run name: runs/<name>/")
+    runs_root: str = field("runs", help="directory holding run directories")
+    models: dict[str, str] = field({"pretrained": "runs/pretrain/checkpoint", "sft": "runs/sft/checkpoint"},
+                                   help="label -> language-model checkpoint")
+    reward_model: str = field("runs/rm/checkpoint", help="reward-model checkpoint for the proxy score ('' = none)")
+    comparisons: str = field("", help="held-out comparisons for RM accuracy ('' = the RM's own held-out file)")
+    task: TaskConfig = field(TaskConfig(), help="task: held-out prompts and labeler")
+    prompts: int = field(256, help="held-out prompts (the first N of the task's held-out split)")
+    sampling: SamplingSection = field(SamplingSection(), help="sampling of the responses")
+    seed: int = field(0, help="sampling seed (the same prompts and seeds for every model)")
+    perplexity: PerplexitySection = field(PerplexitySection(), help="held-out perplexity")
+    formats: FormatsSection = field(FormatsSection(), help="prompt formats")
+
+    def validate(self) -> None:
+        if not self.models and not self.reward_model:
+            raise ConfigError("models: give at least one checkpoint (or a reward_model to check its accuracy)")
+        if self.prompts < 1:
+            raise ConfigError(f"prompts: must be >= 1, got {self.prompts}")
+        if any(k < 0 for k in self.formats.shots):
+            raise ConfigError("formats.shots: must be >= 0")
+
+
+# --- building blocks (also used by jobs.sft and tests) ---------------------------------------------------------
+def load_lm(path: str | Path) -> tuple[Any, Any]:
+    from models.checkpoint import load_checkpoint, tokenizer_path
+    from models.tokenizer import Tokenizer
+
+    return load_checkpoint(path, kind="lm"), Tokenizer.from_file(tokenizer_path(path))
+
+
+def heldout_responses(model: Any, tokenizer: Any, prompts: Sequence[str], sampling: SamplingSection, seed: int
+                      ) -> list[str]:
+    """One response per held-out prompt; prompt i always gets the same seed, whichever model samples."""
+    seeds = [sample_seed(seed, "heldout", i, 0, 1) for i in range(len(prompts))]
+    return sample_responses(model, tokenizer, prompts, sampling, seeds)
+
+
+def gold_of_checkpoint(path: str | Path, task: Task, prompts: Sequence[str], sampling: SamplingSection,
+                       seed: int = 0) -> tuple[float, list[str], list[float]]:
+    """(mean gold score, responses, scores) of a checkpoint's samples on `prompts`."""
+    model, tokenizer = load_lm(path)
+    responses = heldout_responses(model, tokenizer, prompts, sampling, seed)
+    scores = task.gold_scores(prompts, responses)
+    return sum(scores) / len(scores), responses, scores
+
+
+def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
+    """Fraction of prompts where A's gold score beats B's; ties count ½."""
+    if len(scores_a) != len(scores_b) or not scores_a:
+        raise ValueError("win_rate: need two equally long, non-empty score lists")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)) / len(scores_a)
+
+
+def proxy_scores(rm: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    from jobs.rm import reward_scores
+    from jobs.sft import encode_example
+
+    seqs = [sum(encode_example(tokenizer, p, r), []) for p, r in zip(prompts, responses)]
+    return reward_scores(rm, seqs, tokenizer.eos_id)
+
+
+def rm_accuracy(rm: Any, tokenizer: Any, path: str | Path) -> dict[str, float]:
+    """Pairwise accuracy of the RM on a comparisons file: over all C(K,2) pairs of every prompt, and over the pairs
+    whose labeler scores differ (when the file records scores; tied pairs are a coin flip for any model)."""
+    import torch
+
+    from models.losses import pairwise_accuracy
+
+    comps = read_comparisons(path)
+    flat_p = [c.prompt for c in comps for _ in c.responses]
+    flat_r = [r for c in comps for r in c.responses]
+    flat = proxy_scores(rm, tokenizer, flat_p, flat_r)
+    correct = total = decided_correct = decided = 0.0
+    pos = 0
+    for c in comps:
+        r = flat[pos:pos + c.k]
+        pos += c.k
+        acc = float(pairwise_accuracy(torch.tensor([r]), torch.tensor([list(c.ranking)])))
+        pairs = c.k * (c.k - 1) / 2
+        correct += acc * pairs
+        total += pairs
+        if c.scores is not None:
+            for i in range(c.k):
+                for j in range(c.k):
+                    if c.scores[i] > c.scores[j]:
+                        decided += 1
+                        decided_correct += float(r[i] > r[j])
+    out = {"rm_accuracy": correct / total, "rm_comparisons": float(len(comps))}
+    if decided:
+        out["rm_accuracy_decided"] = decided_correct / decided
+    return out
+
+
+def heldout_perplexity(model: Any, tokenizer: Any, corpus: str, validation_fraction: float, max_tokens: int
+                       ) -> float:
+    """exp(mean next-token NLL) over the held-out documents, in n_ctx blocks (documents joined by EOS)."""
+    import torch
+
+    from jobs.data import load_documents, split_documents
+    from models.losses import lm_loss
+
+    docs = split_documents(load_documents(corpus), validation_fraction)["validation"]
+    ids: list[int] = []
+    for d in docs:
+        ids += tokenizer.encode(d.text) + [tokenizer.eos_id]
+        if len(ids) > max_tokens:
+            break
+    ids = ids[:max_tokens + 1]
+    n = model.config.n_ctx
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(ids) - 1, n):
+            block = torch.tensor([ids[i:i + n + 1]])
+            if block.size(1) < 2:
+                break
+            t = block.size(1) - 1
+            nll += float(lm_loss(model(block[:, :-1]), block[:, 1:])) * t
+            count += t
+    return math.exp(nll / count)
+
+
+def _rm_heldout_file(reward_model: str) -> str | None:
+    from models.checkpoint import read_config
+
+    extra = read_config(reward_model)[2].get("raygpt", {})
+    path = extra.get("heldout_comparisons")
+    return path if path and Path(path).is_file() else None
+
+
+# --- the job ---------------------------------------------------------------------------------------------------
+def check(cfg: EvalConfig) -> None:
+    from models.checkpoint import CheckpointError, read_config, tokenizer_path
+
+    for label, path in [*cfg.models.items(), *([("reward_model", cfg.reward_model)] if cfg.reward_model else [])]:
+        try:
+            read_config(path)
+            tokenizer_path(path)
+        except CheckpointError as e:
+            raise ConfigError(f"models.{label}: {e}" if label != "reward_model" else f"reward_model: {e}") from None
+    if cfg.comparisons and not Path(cfg.comparisons).is_file():
+        raise ConfigError(f"comparisons: no such file {cfg.comparisons}")
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    import torch
+
+    from jobs.runs import MetricsWriter, start_run
+    from jobs.tasks.formats import evaluate_formats, resolve_formats
+    from models.checkpoint import load_checkpoint, tokenizer_path
+    from models.tokenizer import Tokenizer
+
+    check(cfg)
+    task = build_task(cfg.task)
+    formats = resolve_formats(cfg.formats.names, cfg.formats.file) if cfg.formats.names else []
+    prompts = task.prompts("heldout")[:cfg.prompts]
+    run_dir = start_run(cfg, cfg.name, cfg.runs_root)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.perf_counter()
+    rm = rm_tok = None
+    if cfg.reward_model:
+        rm = load_checkpoint(cfg.reward_model, kind="reward")
+        rm_tok = Tokenizer.from_file(tokenizer_path(cfg.reward_model))
+    metrics: dict[str, Any] = {"prompts": len(prompts)}
+    samples: dict[str, list[str]] = {}
+    gold: dict[str, list[float]] = {}
+    proxy: dict[str, list[float]] = {}
+    for label, path in cfg.models.items():
+        model, tokenizer = load_lm(path)
+        responses = heldout_responses(model, tokenizer, prompts, cfg.sampling, cfg.seed)
+        samples[label] = responses
+        metrics[f"{label}/response_chars"] = sum(map(len, responses)) / len(responses)
+        if task.has_labeler:
+            gold[label] = task.gold_scores(prompts, responses)
+            metrics[f"{label}/gold"] = sum(gold[label]) / len(prompts)
+        if rm is not None:
+            proxy[label] = proxy_scores(rm, rm_tok, prompts, responses)
+            metrics[f"{label}/proxy"] = sum(proxy[label]) / len(prompts)
+        if cfg.perplexity.corpus:
+            metrics[f"{label}/ppl"] = heldout_perplexity(model, tokenizer, cfg.perplexity.corpus,
+                                                         cfg.perplexity.validation_fraction,
+                                                         cfg.perplexity.max_tokens)
+        for k, v in evaluate_formats(model, tokenizer, formats, cfg.formats.shots,
+                                     cfg.formats.max_new_tokens).items():
+            metrics[f"{label}/{k}"] = v
+    labels = list(gold)
+    for a in labels:
+        for b in labels:
+            if a != b:
+                metrics[f"win_rate/{a}_vs_{b}"] = win_rate(gold[a], gold[b])
+    if rm is not None:
+        comp = cfg.comparisons or _rm_heldout_file(cfg.reward_model)
+        if comp:
+            metrics.update(rm_accuracy(rm, rm_tok, comp))
+            metrics["rm_accuracy_file"] = str(comp)
+    elif not task.has_labeler:
+        raise TaskError(f"task {task.name!r}: no labeler and no reward model: nothing to score")
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    with MetricsWriter(run_dir, tensorboard=False) as w:
+        w.write(0, **metrics)
+    _write_samples(run_dir / "samples.jsonl", prompts, samples, gold, proxy)
+    (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics))
+    return metrics
+
+
+def _write_samples(path: Path, prompts: Sequence[str], samples: dict[str, list[str]],
+                   gold: dict[str, list[float]], proxy: dict[str, list[float]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for i, p in enumerate(prompts):
+            row: dict[str, Any] = {"prompt": p}
+            for label, responses in samples.items():
+                row[label] = {"response": responses[i], **({"gold": gold[label][i]} if label in gold else {}),
+                              **({"proxy": proxy[label][i]} if label in proxy else {})}
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main(EvalConfig, run, argv, prog="raygpt eval")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

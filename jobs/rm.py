@@ -1,0 +1,345 @@
+"""`raygpt rm`: the reward model (InstructGPT §3.5 "Reward modeling").
+
+- Initialised from the SFT checkpoint with the unembedding removed and a fresh scalar head
+  (`models.checkpoint.load_checkpoint(sft, kind="reward")`); r(x, y) is the head's output at the last token.
+- Input: prompt_ids + response_ids + [EOS] (`jobs.sft.encode_example`), so the reward is read at the EOS that ends
+  every response. PPO's reward role must score sequences the same way (append EOS to truncated responses).
+- Loss: InstructGPT eq. 1 via `models.losses.kwise_ranking_loss`. One batch element = one prompt with its K ranked
+  responses: K forward passes give all C(K,2) comparisons, averaged into that element's loss — the paper's remedy
+  for overfitting when each comparison is a separate, highly correlated element. Prompts with different K may share
+  a batch (each K group is one loss call, weighted by its number of prompts).
+- Normalisation: after training, the reward is shifted so the task's demonstrations score 0 on average
+  ("we normalize the reward model using a bias so that the labeler demonstrations achieve a mean score of 0 before
+  doing RL", §3.5). The shift is folded into the weights (`fold_reward_offset`), so the checkpoint gives
+  normalised rewards in raygpt and in transformers' GPT2ForSequenceClassification alike; config.json's
+  raygpt.reward_normalization records the offset and where it went.
+
+Training runs on the shared Ray Train + DeepSpeed engine (jobs/engine.py). Comparisons come from a file or directory
+(Parquet/JSONL: prompt, responses, ranking) or, when none is given, are sampled from the SFT model on Ray workers
+first (jobs/comparisons.py) into runs/<name>/comparisons/. Everything is validated before training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.cli import job_main
+from jobs.comparisons import GenerateSection, check_policy, generate_comparisons
+from jobs.config import ConfigError, field
+from jobs.engine import CheckpointConfig, FailureConfig, OptimConfig, launch
+from jobs.sft import FineTuneParallelConfig, batch_indices, encode_example, rank_slice
+from jobs.tasks import Comparison, TaskConfig, build_task, read_comparisons
+from jobs.tasks.base import stable_unit
+
+Element = tuple[list[list[int]], list[int]]  # (K token sequences, ranking)
+REWARD_INPUT = "prompt_ids + response_ids + [eos_id]; reward read at the final EOS"
+
+
+@dataclass
+class RMDataSection:
+    """Comparisons → token sequences."""
+
+    max_tokens: int = field(48, help="prompts whose longest prompt+response+EOS exceeds this are dropped")
+    seed: int = field(0, help="data order seed")
+
+    def validate(self) -> None:
+        if self.max_tokens < 3:
+            raise ConfigError(f"max_tokens: must be >= 3, got {self.max_tokens}")
+
+
+@dataclass
+class RMOptimConfig(OptimConfig):
+    """The engine's optimizer section with reward-model defaults (a subclass: see jobs.sft.SFTOptimConfig)."""
+
+    lr: float = field(3e-4, help="peak learning rate (after warmup)")
+    max_steps: int = field(128, help="optimizer steps (tiny defaults: 1 epoch of 2,048 prompts; InstructGPT §C "
+                                     "trains the RM for a single epoch)")
+    micro_batch_size: int = field(8, help="prompts per micro-batch per rank, each with its K responses")
+    weight_decay: float = field(0.0, help="AdamW decoupled weight decay on matrices")
+
+
+@dataclass
+class RMConfig:
+    """Train the K-wise reward model from SFT on ranked comparisons; normalise it on the demonstrations."""
+
+    name: str = field("rm", help="run name: runs/<name>/")
+    runs_root: str = field("runs", help="directory holding run directories")
+    address: str | None = field(None, help="Ray cluster address (default: $RAY_ADDRESS, else an embedded cluster)")
+    init_from: str = field("runs/sft/checkpoint", help="SFT checkpoint: the RM starts from it (unembedding removed)")
+    comparisons: str = field("", help="comparisons file, or a directory with train.parquet (+ heldout.parquet); "
+                                      "'' = sample them now from init_from into runs/<name>/comparisons/")
+    heldout_comparisons: str = field("", help="comparisons for validation accuracy ('' = heldout.parquet beside "
+                                              "the train comparisons, if any)")
+    seed: int = field(0, help="head initialisation and dropout seed")
+    log_every: int = field(10, help="report metrics to the driver every N steps")
+    eval_every: int = field(25, help="held-out accuracy every N steps (and at the end)")
+    normalize_demonstrations: int = field(512, help="demonstrations whose mean reward is set to 0 (0 = no "
+                                                    "normalisation)")
+    task: TaskConfig = field(TaskConfig(), help="task: labeler for sampled comparisons, demonstrations")
+    generate: GenerateSection = field(GenerateSection(), help="sampling comparisons when none are given")
+    data: RMDataSection = field(RMDataSection(), help="data")
+    optim: RMOptimConfig = field(RMOptimConfig(), help="optimizer and batch (micro_batch_size counts prompts)")
+    parallel: FineTuneParallelConfig = field(FineTuneParallelConfig(), help="workers and layout")
+    checkpoint: CheckpointConfig = field(CheckpointConfig(), help="exact-resume checkpoints")
+    failure: FailureConfig = field(FailureConfig(), help="fault tolerance")
+
+    def validate(self) -> None:
+        if self.parallel.pipeline > 1:
+            raise ConfigError("parallel.pipeline: the reward model trains without pipeline parallelism (the "
+                              "engine pipelines the LM objective only); use data/tensor parallelism")
+        if self.log_every < 1 or self.eval_every < 1 or self.normalize_demonstrations < 0:
+            raise ConfigError("log_every/eval_every: must be >= 1; normalize_demonstrations >= 0")
+
+
+# --- data (pure, testable without Ray) -------------------------------------------------------------------------
+def encode_comparison(tokenizer: Any, c: Comparison) -> Element:
+    """K sequences prompt + response_j + EOS, and the ranking."""
+    return [sum(encode_example(tokenizer, c.prompt, r), []) for r in c.responses], list(c.ranking)
+
+
+def rm_batch(elements: Sequence[Element], pad_id: int) -> dict[str, Any]:
+    """Batch of B prompts: {"input_ids", "attention_mask"}: (B, K_max, T) right-padded (padding responses of
+    prompts with K < K_max are all padding), "ranking": (B, K_max) padded with −1, "k": (B,) responses per prompt.
+    Rows come first so the engine can split micro-batches by prompt."""
+    import torch
+
+    if not elements:
+        raise ValueError("elements: empty batch")
+    kmax = max(len(seqs) for seqs, _ in elements)
+    T = max(len(s) for seqs, _ in elements for s in seqs)
+    B = len(elements)
+    ids = torch.full((B, kmax, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, kmax, T), dtype=torch.long)
+    ranking = torch.full((B, kmax), -1, dtype=torch.long)
+    k = torch.zeros(B, dtype=torch.long)
+    for b, (seqs, rank) in enumerate(elements):
+        if len(seqs) < 2 or len(rank) != len(seqs):
+            raise ValueError(f"elements[{b}]: need K >= 2 sequences and a ranking of the same length")
+        k[b] = len(seqs)
+        ranking[b, :len(rank)] = torch.tensor(rank)
+        for j, s in enumerate(seqs):
+            ids[b, j, :len(s)] = torch.tensor(s)
+            mask[b, j, :len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "ranking": ranking, "k": k}
+
+
+def rm_loss_fn(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """K-wise ranking loss of a batch from `rm_batch`: one forward pass per real response (K per prompt), then
+    `kwise_ranking_loss` per group of equal K, weighted by the group's share of prompts (= mean over prompts)."""
+    import torch
+
+    from models.losses import kwise_ranking_loss
+
+    ids, mask, ranking, k = batch["input_ids"], batch["attention_mask"], batch["ranking"], batch["k"]
+    B, kmax, _ = ids.shape
+    valid = torch.arange(kmax, device=ids.device)[None, :] < k[:, None]  # (B, K_max)
+    r = model(ids[valid], mask[valid])  # (Σ K,) — exactly K forward passes per prompt
+    rewards = r.new_zeros((B, kmax))
+    rewards[valid] = r
+    loss = r.new_zeros(())
+    metrics: dict[str, Any] = {"accuracy": r.new_zeros(()), "margin": r.new_zeros(())}
+    for kk in sorted(set(k.tolist())):
+        rows = k == kk
+        group_loss, m = kwise_ranking_loss(rewards[rows, :kk], ranking[rows, :kk])
+        w = rows.sum() / B
+        loss = loss + w * group_loss
+        for name in metrics:
+            metrics[name] = metrics[name] + w * m[name]
+    metrics["reward_mean"] = r.detach().mean()
+    metrics["reward_std"] = r.detach().std() if r.numel() > 1 else r.new_zeros(())
+    return loss, metrics
+
+
+def reward_scores(model: Any, sequences: Sequence[list[int]], pad_id: int, batch_size: int = 64) -> list[float]:
+    """r(x, y) of token sequences (prompt + response + EOS) with a RewardModel, right-padded in batches."""
+    import torch
+
+    model.eval()
+    out: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(sequences), batch_size):
+            chunk = sequences[i:i + batch_size]
+            T = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), T), dtype=torch.long)
+            for j, s in enumerate(chunk):
+                ids[j, :len(s)] = torch.tensor(s)
+                mask[j, :len(s)] = 1
+            out.extend(model(ids, mask).tolist())
+    return out
+
+
+def fold_reward_offset(model: Any, offset: float) -> None:
+    """Make r'(x) = r(x) − offset for every input, inside the weights.
+
+    The head score(h) = w·h has no bias (GPT2ForSequenceClassification's layout), but h = LN_f(·) ends with the
+    final LayerNorm's bias β, which in a reward model feeds nothing but the head. β ← β − offset·w/‖w‖² gives
+    w·h' = w·h − offset exactly, for every position, in any framework that loads the weights.
+    """
+    import torch
+
+    with torch.no_grad():
+        w = model.score.weight[0]
+        model.transformer.ln_f.bias -= offset * w / w.dot(w)
+
+
+def normalisation_sequences(cfg: RMConfig, tokenizer: Any) -> list[list[int]]:
+    """The `normalize_demonstrations` demonstrations (chosen by hash) as RM inputs."""
+    if not cfg.normalize_demonstrations:
+        return []
+    demos = build_task(cfg.task).demonstrations()
+    demos = sorted(demos, key=lambda d: stable_unit(d.prompt + "\0" + d.response, "rm-norm"))
+    seqs = [sum(encode_example(tokenizer, d.prompt, d.response), []) for d in demos]
+    return [s for s in seqs if len(s) <= cfg.data.max_tokens][:cfg.normalize_demonstrations]
+
+
+def _comparison_files(cfg: RMConfig) -> tuple[Path | None, Path | None]:
+    if not cfg.comparisons:
+        return None, None
+    p = Path(cfg.comparisons)
+    train = p / "train.parquet" if p.is_dir() else p
+    if cfg.heldout_comparisons:
+        held: Path | None = Path(cfg.heldout_comparisons)
+    else:
+        held = (p if p.is_dir() else p.parent) / "heldout.parquet"
+        held = held if held.is_file() and held != train else None
+    return train, held
+
+
+def load_elements(path: Path, tokenizer: Any, max_tokens: int) -> tuple[list[Element], int]:
+    """Validated comparisons of `path`, tokenised; (elements, prompts dropped as too long)."""
+    elements, dropped = [], 0
+    for c in read_comparisons(path):
+        e = encode_comparison(tokenizer, c)
+        if max(len(s) for s in e[0]) > max_tokens:
+            dropped += 1
+            continue
+        elements.append(e)
+    return elements, dropped
+
+
+# --- driver ---------------------------------------------------------------------------------------------------
+def run(cfg: RMConfig) -> dict[str, Any]:
+    from cluster.runtime import init_ray
+    from jobs.runs import start_run
+    from models.checkpoint import read_config, tokenizer_path
+    from models.tokenizer import Tokenizer
+
+    check_policy(cfg.init_from, "init_from")
+    mcfg = read_config(cfg.init_from)[0]
+    cfg.parallel.validate()
+    cfg.parallel.check_model(mcfg)
+    if cfg.data.max_tokens > mcfg.n_ctx:
+        raise ConfigError(f"data.max_tokens: {cfg.data.max_tokens} exceeds the model's n_ctx={mcfg.n_ctx}")
+    tok_file = tokenizer_path(cfg.init_from)
+    tokenizer = Tokenizer.from_file(tok_file)
+    train_file, held_file = _comparison_files(cfg)
+    # Validate given comparisons and the task before anything is written or started.
+    given = {}
+    for label, f in (("train", train_file), ("heldout", held_file)):
+        if f is not None:
+            given[label] = load_elements(f, tokenizer, cfg.data.max_tokens)
+    norm = normalisation_sequences(cfg, tokenizer)
+    run_dir = start_run(cfg, cfg.name, cfg.runs_root).resolve()
+    init_ray(address=cfg.address)
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoint")}
+    if train_file is None:
+        gen_dir = run_dir / "comparisons"
+        summary["generated"] = generate_comparisons(cfg.init_from, cfg.task, cfg.generate, gen_dir)
+        train_file = gen_dir / "train.parquet"
+        held_file = gen_dir / "heldout.parquet" if (gen_dir / "heldout.parquet").is_file() else None
+        for label, f in (("train", train_file), ("heldout", held_file)):
+            if f is not None:
+                given[label] = load_elements(f, tokenizer, cfg.data.max_tokens)
+    train, dropped = given["train"]
+    val = given.get("heldout", ([], 0))[0]
+    if not train:
+        raise ConfigError(f"comparisons: no comparison of {train_file} fits data.max_tokens={cfg.data.max_tokens}")
+    summary.update(comparisons=str(train_file), heldout_comparisons=str(held_file) if held_file else None,
+                   train_prompts=len(train), dropped_too_long=dropped, heldout_prompts=len(val))
+    t0 = time.perf_counter()
+    loop_config = {"cfg": cfg, "train": train, "val": val, "norm": norm, "run_dir": str(run_dir),
+                   "init_from": str(Path(cfg.init_from).resolve()), "tokenizer": str(Path(tok_file).resolve()),
+                   "pad_id": tokenizer.eos_id, "resume_from": cfg.checkpoint.resume_from,
+                   "sources": {"comparisons": summary["comparisons"],
+                               "heldout_comparisons": summary["heldout_comparisons"]}}
+    result = launch(train_loop, loop_config, cfg.parallel, run_dir, cfg.failure.max_failures,
+                    keep=cfg.checkpoint.keep, progress_steps=cfg.optim.max_steps)
+    summary.update({k: v for k, v in (result.metrics or {}).items() if k != "rows"})
+    summary["train_seconds"] = round(time.perf_counter() - t0, 2)
+    ckpt_cfg = json.loads((run_dir / "checkpoint" / "config.json").read_text())
+    summary["reward_normalization"] = ckpt_cfg["raygpt"].get("reward_normalization")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+    return summary
+
+
+# --- worker ---------------------------------------------------------------------------------------------------
+def train_loop(c: dict[str, Any]) -> None:
+    """Per-worker loop on the shared engine; the objective is `rm_loss_fn`."""
+    import torch
+
+    from jobs.engine import build_engine, init_worker
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.heads import RewardModel
+
+    cfg: RMConfig = c["cfg"]
+    o = cfg.optim
+    ctx = init_worker(cfg.parallel, cfg.seed)
+    torch.manual_seed(cfg.seed)  # the fresh scalar head: identical on every rank
+    model = load_checkpoint(c["init_from"], kind="reward")
+    engine = build_engine(model, o, cfg.parallel, ctx, resume_from=c["resume_from"])
+    train, val = c["train"], c["val"]
+    rows = o.micro_batch_size * o.grad_accum
+    val_shard = rank_slice(val, ctx.dp_rank, max(1, len(val) // ctx.dp_size)) if val else []
+    val_batches = [rm_batch(val_shard[i:i + rows], c["pad_id"]) for i in range(0, len(val_shard), rows)]
+
+    def validate() -> dict[str, float]:
+        if not val_batches:
+            return {}
+        m = engine.evaluate(val_batches, rm_loss_fn)
+        return {"val_loss": m["loss"], "val_accuracy": m["accuracy"]}
+
+    if engine.state.step == 0:
+        engine.log(validate())
+    for step in range(engine.state.step, o.max_steps):
+        idx = rank_slice(batch_indices(len(train), step, rows * ctx.dp_size, cfg.data.seed), ctx.dp_rank, rows)
+        b = rm_batch([train[i] for i in idx], c["pad_id"])
+        m = engine.train_step(b, rm_loss_fn, tokens=int(b["attention_mask"].sum()))
+        row = {**m, "epoch": (step + 1) * rows * ctx.dp_size / len(train)}
+        s = engine.state.step
+        if s % cfg.eval_every == 0 or s == o.max_steps:
+            row.update(validate())
+        engine.log(row)
+        due = s % cfg.checkpoint.every_n_steps == 0 or s == o.max_steps
+        if due or s % cfg.log_every == 0:
+            engine.flush(checkpoint=due)
+    sd = engine.full_state_dict()  # collective: every rank takes part, rank 0 gets the weights
+    if ctx.rank != 0:
+        return
+    rm = RewardModel(engine.model_cfg)
+    rm.load_state_dict(sd, strict=True)
+    extra: dict[str, Any] = {"reward_input": REWARD_INPUT, **c["sources"], "init_from": c["init_from"],
+                             "rm": {"steps": engine.state.step, "train_prompts": len(train)}}
+    if c["norm"]:
+        offset = sum(reward_scores(rm, c["norm"], c["pad_id"])) / len(c["norm"])
+        fold_reward_offset(rm, offset)
+        after = sum(reward_scores(rm, c["norm"], c["pad_id"])) / len(c["norm"])
+        extra["reward_normalization"] = {
+            "offset_subtracted": offset, "demonstrations": len(c["norm"]), "mean_after": after,
+            "stored_in": "transformer.ln_f.bias, shifted by -offset * score.weight / |score.weight|^2"}
+    save_checkpoint(rm, Path(c["run_dir"]) / "checkpoint", kind="reward", tokenizer=c["tokenizer"], extra=extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main(RMConfig, run, argv, prog="raygpt rm")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""`raygpt sft`: supervised fine-tuning on demonstrations (InstructGPT §3.5 "Supervised fine-tuning").
+
+The task's labeler-approved demonstrations (prompt → response) are tokenised in the driver as
+prompt_ids + response_ids + [EOS]; the loss is next-token cross-entropy on the response tokens and the EOS only —
+the prompt is context, not something to imitate (`sft_batch` builds that mask, `models.losses.lm_loss` applies
+it). Training runs on the shared Ray Train + DeepSpeed engine (jobs/engine.py) with the paper's recipe scaled
+down: cosine learning-rate decay and residual dropout (InstructGPT §C: 16 epochs, dropout 0.2; the tiny default
+uses 0.1 for a few hundred steps — enough to move a 4-layer model without erasing what pretraining taught it).
+
+Residual dropout is a training-time setting: it is switched on in the training copy only, and the exported
+checkpoint keeps the pretrained model's config, so the policy that PPO starts from runs without dropout (its
+probability ratios would otherwise be noisy).
+
+Outputs in runs/<name>/: checkpoint/ (GPT2LMHeadModel), metrics.jsonl (loss, val_loss per step), summary.json
+(including the gold score of samples from the init and the SFT model on held-out prompts), trainer_state/.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs.cli import job_main
+from jobs.comparisons import SamplingSection, check_policy
+from jobs.config import ConfigError, field
+from jobs.engine import CheckpointConfig, FailureConfig, OptimConfig, ParallelConfig, launch
+from jobs.tasks import TaskConfig, build_task
+from jobs.tasks.base import stable_unit
+
+Example = tuple[list[int], list[int]]  # (prompt ids, response ids ending with EOS)
+
+
+@dataclass
+class SFTDataSection:
+    """Demonstrations → token sequences."""
+
+    max_demonstrations: int = field(4096, help="use at most this many demonstrations (0 = all)")
+    val_demonstrations: int = field(256, help="demonstrations held out (by hash) for the validation loss")
+    max_prompt_tokens: int = field(16, help="demonstrations with longer prompts are dropped")
+    max_response_tokens: int = field(24, help="demonstrations with longer responses (EOS included) are dropped")
+    seed: int = field(0, help="data order seed (the order is a pure function of seed and step)")
+
+    def validate(self) -> None:
+        if self.max_demonstrations < 0 or self.val_demonstrations < 0:
+            raise ConfigError("max_demonstrations/val_demonstrations: must be >= 0")
+        if self.max_prompt_tokens < 1 or self.max_response_tokens < 2:
+            raise ConfigError("max_prompt_tokens/max_response_tokens: must be >= 1 / >= 2 (a token and EOS)")
+
+
+@dataclass
+class SFTEvalSection:
+    """Gold score of samples on held-out prompts, before and after fine-tuning (driver, after training)."""
+
+    prompts: int = field(128, help="held-out prompts sampled for the gold score (0 = skip)")
+    sampling: SamplingSection = field(SamplingSection(), help="sampling")
+    every_n_steps: int = field(50, help="validation loss every N steps (and at the end)")
+
+
+@dataclass
+class SFTOptimConfig(OptimConfig):
+    """The engine's optimizer section with SFT defaults: cosine decay to 0 (InstructGPT §C), a short run.
+
+    (A subclass rather than `field(OptimConfig(lr=...))`: nested sections are rebuilt from their class defaults
+    when YAML or --set gives some of their fields, so the defaults must live on the class.)"""
+
+    lr: float = field(5e-4, help="peak learning rate (after warmup)")
+    min_lr_ratio: float = field(0.0, help="cosine decays to lr·min_lr_ratio at max_steps")
+    max_steps: int = field(300, help="optimizer steps (tiny defaults: ≈ 2.3 epochs of 4,096 demonstrations)")
+    micro_batch_size: int = field(16, help="demonstrations per micro-batch per data-parallel rank")
+
+
+@dataclass
+class FineTuneParallelConfig(ParallelConfig):
+    """The engine's layout section defaulting to 2 data-parallel workers (one per core of the CPU default)."""
+
+    num_workers: int = field(2, help="Ray Train workers = torch.distributed world size (max when elastic)")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning of a pretrained checkpoint on the task's demonstrations (loss on responses only)."""
+
+    name: str = field("sft", help="run name: runs/<name>/")
+    runs_root: str = field("runs", help="directory holding run directories")
+    address: str | None = field(None, help="Ray cluster address (default: $RAY_ADDRESS, else an embedded cluster)")
+    init_from: str = field("runs/pretrain/checkpoint", help="pretrained checkpoint to fine-tune")
+    seed: int = field(0, help="dropout seed")
+    resid_pdrop: float = field(0.1, help="residual dropout while fine-tuning (InstructGPT §C: 0.2); "
+                                         "not stored in the exported checkpoint")
+    log_every: int = field(10, help="report metrics to the driver every N steps")
+    task: TaskConfig = field(TaskConfig(), help="task supplying the demonstrations")
+    data: SFTDataSection = field(SFTDataSection(), help="data")
+    optim: SFTOptimConfig = field(SFTOptimConfig(), help="optimizer, cosine schedule and batch")
+    parallel: FineTuneParallelConfig = field(FineTuneParallelConfig(), help="workers and layout")
+    checkpoint: CheckpointConfig = field(CheckpointConfig(), help="exact-resume checkpoints")
+    failure: FailureConfig = field(FailureConfig(), help="fault tolerance")
+    eval: SFTEvalSection = field(SFTEvalSection(), help="evaluation")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.resid_pdrop < 1.0:
+            raise ConfigError(f"resid_pdrop: must be in [0, 1), got {self.resid_pdrop}")
+        if self.log_every < 1 or self.eval.every_n_steps < 1:
+            raise ConfigError("log_every/eval.every_n_steps: must be >= 1")
+
+
+# --- data (pure, testable without Ray) -------------------------------------------------------------------------
+def encode_example(tokenizer: Any, prompt: str, response: str) -> Example:
+    """(prompt ids, response ids + [EOS]): the prompt and response are encoded separately, as generation sees
+    them (prompt tokens, then sampled tokens), and the response ends with EOS so the model learns to stop."""
+    return tokenizer.encode(prompt), [*tokenizer.encode(response), tokenizer.eos_id]
+
+
+def sft_batch(examples: Sequence[Example], pad_id: int, width: int | None = None) -> dict[str, Any]:
+    """Right-padded LM batch with a response-only loss mask.
+
+    For a sequence s = prompt + response (length L): input_ids = s[:-1], targets = s[1:], and
+    loss_mask[t] = 1 iff targets[t] is a response token (incl. EOS), i.e. t ≥ len(prompt) − 1.
+    Returns {"input_ids", "targets", "loss_mask"}: (B, T) tensors, T = max L − 1 (or `width`). Right padding
+    needs no attention mask: under causal attention real tokens never see the padding after them.
+    """
+    import torch
+
+    if not examples:
+        raise ValueError("examples: empty batch")
+    for i, (p, r) in enumerate(examples):
+        if not p or not r:
+            raise ValueError(f"examples[{i}]: empty prompt or response")
+    T = max(len(p) + len(r) for p, r in examples) - 1
+    if width is not None:
+        if width < T:
+            raise ValueError(f"width: {width} is shorter than the longest sequence ({T})")
+        T = width
+    ids = torch.full((len(examples), T + 1), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, (p, r) in enumerate(examples):
+        seq = p + r
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, len(p) - 1:len(seq) - 1] = 1
+    return {"input_ids": ids[:, :-1].contiguous(), "targets": ids[:, 1:].contiguous(), "loss_mask": mask}
+
+
+def batch_indices(n: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """Example indices of optimizer step `step`: the step's slice of an endless stream of per-epoch
+    permutations of range(n) (permutation of epoch e = default_rng([seed, e])). A pure function of its
+    arguments, so a resumed run continues at exactly the same data position."""
+    out: list[int] = []
+    pos = step * global_batch
+    while len(out) < global_batch:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = min(global_batch - len(out), n - offset)
+        out.extend(int(i) for i in perm[offset:offset + take])
+        pos += take
+    return out
+
+
+def rank_slice(indices: list[int], rank: int, rows_per_rank: int) -> list[int]:
+    """This data-parallel rank's contiguous rows of a global batch."""
+    return indices[rank * rows_per_rank:(rank + 1) * rows_per_rank]
+
+
+def prepare_demonstrations(cfg: SFTConfig, tokenizer: Any) -> tuple[list[Example], list[Example], dict[str, int]]:
+    """(train examples, validation examples, counts): the task's demonstrations, tokenised, too-long ones dropped,
+    a hash-chosen validation subset set aside."""
+    demos = build_task(cfg.task).demonstrations()
+    d = cfg.data
+    kept, too_long = [], 0
+    for demo in demos:
+        p, r = encode_example(tokenizer, demo.prompt, demo.response)
+        if len(p) > d.max_prompt_tokens or len(r) > d.max_response_tokens or len(r) < 2:
+            too_long += 1
+            continue
+        kept.append((demo, (p, r)))
+    # Validation set and subsample chosen by a hash of the text: independent of corpus order.
+    kept.sort(key=lambda x: stable_unit(x[0].prompt + "\0" + x[0].response, "sft"))
+    val = [e for _, e in kept[:d.val_demonstrations]]
+    train = [e for _, e in kept[d.val_demonstrations:]]
+    if d.max_demonstrations:
+        train = train[:d.max_demonstrations]
+    if not train:
+        raise ConfigError(f"task: no demonstration fits max_prompt_tokens={d.max_prompt_tokens} / "
+                          f"max_response_tokens={d.max_response_tokens} after holding out {len(val)}")
+    return train, val, {"demonstrations": len(demos), "too_long": too_long, "train": len(train), "val": len(val)}
+
+
+def set_residual_dropout(model: Any, p: float) -> None:
+    """Residual dropout (after attention and MLP projections, GPT-2 layout) of a training copy of the model,
+    leaving model.config — and so the exported checkpoint — as it was."""
+    for block in model.transformer.h:
+        block.attn.resid_dropout.p = p
+        block.mlp.dropout.p = p
+
+
+# --- driver ---------------------------------------------------------------------------------------------------
+def run(cfg: SFTConfig) -> dict[str, Any]:
+    from cluster.runtime import init_ray
+    from jobs.evaluate import gold_of_checkpoint
+    from jobs.runs import start_run
+    from models.checkpoint import read_config, tokenizer_path
+    from models.tokenizer import Tokenizer
+
+    check_policy(cfg.init_from, "init_from")
+    mcfg = read_config(cfg.init_from)[0]
+    cfg.parallel.validate()
+    cfg.parallel.check_model(mcfg)
+    tok_file = tokenizer_path(cfg.init_from)
+    tokenizer = Tokenizer.from_file(tok_file)
+    train, val, counts = prepare_demonstrations(cfg, tokenizer)
+    width = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens - 1
+    if width > mcfg.n_ctx:
+        raise ConfigError(f"data.max_prompt_tokens + data.max_response_tokens: {width + 1} tokens exceed the "
+                          f"model's n_ctx={mcfg.n_ctx}")
+    run_dir = start_run(cfg, cfg.name, cfg.runs_root).resolve()
+    init_ray(address=cfg.address)
+    t0 = time.perf_counter()
+    loop_config = {"cfg": cfg, "train": train, "val": val, "run_dir": str(run_dir),
+                   "init_from": str(Path(cfg.init_from).resolve()), "tokenizer": str(Path(tok_file).resolve()),
+                   "pad_id": tokenizer.eos_id, "width": width, "resume_from": cfg.checkpoint.resume_from}
+    result = launch(train_loop, loop_config, cfg.parallel, run_dir, cfg.failure.max_failures,
+                    keep=cfg.checkpoint.keep, progress_steps=cfg.optim.max_steps)
+    final = {k: v for k, v in (result.metrics or {}).items() if k != "rows"}
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoint"),
+                               "train_seconds": round(time.perf_counter() - t0, 2), **counts, **final}
+    if cfg.eval.prompts:
+        task = build_task(cfg.task)
+        prompts = task.prompts("heldout")[:cfg.eval.prompts]
+        for label, path in (("init", cfg.init_from), ("sft", str(run_dir / "checkpoint"))):
+            summary[f"gold_heldout_{label}"] = gold_of_checkpoint(path, task, prompts, cfg.eval.sampling,
+                                                                  seed=cfg.seed)[0]
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+    return summary
+
+
+# --- worker ---------------------------------------------------------------------------------------------------
+def train_loop(c: dict[str, Any]) -> None:
+    """Per-worker loop on the shared engine; the objective is the engine's LM loss with the response mask."""
+    from jobs.engine import build_engine, init_worker, lm_loss_fn, perplexity
+    from models.checkpoint import load_checkpoint
+
+    cfg: SFTConfig = c["cfg"]
+    o = cfg.optim
+    ctx = init_worker(cfg.parallel, cfg.seed)
+    model = load_checkpoint(c["init_from"], kind="lm")
+    set_residual_dropout(model, cfg.resid_pdrop)
+    engine = build_engine(model, o, cfg.parallel, ctx, resume_from=c["resume_from"])
+    train, val = c["train"], c["val"]
+    rows = o.micro_batch_size * o.grad_accum
+    # Pipeline stages exchange fixed-shape activations: pad every batch to the same width there.
+    width = c["width"] if cfg.parallel.pipeline > 1 else None
+
+    def batch(examples: list[Example]) -> dict[str, Any]:
+        return sft_batch(examples, c["pad_id"], width)
+
+    val_shard = rank_slice(val, ctx.dp_rank, max(1, len(val) // ctx.dp_size))
+    val_batches = [batch(val_shard[i:i + rows]) for i in range(0, len(val_shard) - rows + 1, rows)]
+
+    def validate() -> dict[str, float]:
+        if not val_batches:
+            return {}
+        loss = engine.evaluate(val_batches, lm_loss_fn)["loss"]
+        return {"val_loss": loss, "val_ppl": perplexity(loss)}
+
+    if engine.state.step == 0:
+        engine.log(validate())
+    for step in range(engine.state.step, o.max_steps):
+        idx = rank_slice(batch_indices(len(train), step, rows * ctx.dp_size, cfg.data.seed), ctx.dp_rank, rows)
+        b = batch([train[i] for i in idx])
+        t0 = time.perf_counter()
+        m = engine.train_step(b, lm_loss_fn, tokens=int(b["loss_mask"].sum()))
+        row = {**m, "epoch": (step + 1) * rows * ctx.dp_size / len(train),
+               "response_tokens_per_s": int(b["loss_mask"].sum()) * ctx.dp_size / (time.perf_counter() - t0)}
+        s = engine.state.step
+        if s % cfg.eval.every_n_steps == 0 or s == o.max_steps:
+            row.update(validate())
+        engine.log(row)
+        due = s % cfg.checkpoint.every_n_steps == 0 or s == o.max_steps
+        if due or s % cfg.log_every == 0:
+            engine.flush(checkpoint=due)
+    engine.export(Path(c["run_dir"]) / "checkpoint", tokenizer=c["tokenizer"], kind="lm",
+                  extra={"sft": {"steps": engine.state.step, "init_from": c["init_from"],
+                                 "demonstrations": len(train), "task": cfg.task.name}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main(SFTConfig, run, argv, prog="raygpt sft")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
