@@ -177,6 +177,19 @@ def test_n_stop_and_logprobs_match_reference(server: dict) -> None:
             assert len(top) <= 3 and max(top.values()) >= chosen - 1e-4  # the best alternative is at least as likely
 
 
+def test_chat_completions_render_the_documented_template(server: dict) -> None:
+    c, path = client(server), server["ckpts"]["sft"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a king."}]
+    prompt = "System: Be brief.\nUser: Name a king.\nAssistant:"
+    ref = reference(path, prompt, 3, 16, stop=("\nUser:", "\nSystem:"))[0]
+    r = c.chat.completions.create(model="sft", messages=messages, max_tokens=16, seed=3)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref
+    chunks = list(c.chat.completions.create(model="sft", messages=messages, max_tokens=16, seed=3, stream=True))
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ref
+
+
 def test_wrong_or_missing_api_key_is_401(server: dict) -> None:
     with pytest.raises(openai.AuthenticationError) as e:
         client(server, key="wrong").completions.create(model="policy", prompt="hi", max_tokens=2)

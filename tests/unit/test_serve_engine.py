@@ -212,3 +212,31 @@ def test_config_validation_and_api_key(tmp_path: Path, monkeypatch: pytest.Monke
     key_file.write_text("")
     with pytest.raises(ConfigError, match="^http.api_key_file"):
         api_key_sha256(from_dict(ServeConfig, {"http": {"api_key_file": str(key_file)}}))
+
+
+def test_build_app_one_deployment_per_model_with_the_configured_scaling(tmp_path: Path, tok: Tokenizer,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from jobs.serve import ServeConfig, build_app
+
+    a, b = _ckpt(tmp_path / "a", tok), _ckpt(tmp_path / "b", tok)
+    monkeypatch.setenv("RAYGPT_API_KEY", "k3")
+    cfg = from_dict(ServeConfig, {"models": [f"ppo={a}", f"sft={b}"], "batching": {"max_batch_size": 8},
+                                  "limits": {"max_choices": 8},
+                                  "scaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 5,
+                                              "num_cpus": 2, "torch_threads": 0}})
+    ingress = build_app(cfg)._bound_deployment
+    models, limits, key, default = ingress.init_args
+    assert ingress.name == "ingress" and key == hashlib.sha256(b"k3").hexdigest() and default is None
+    assert limits["max_choices"] == 8 and list(models) == ["ppo", "sft"]
+    for name, path in (("ppo", a), ("sft", b)):
+        d = models[name]._bound_deployment
+        auto = d._deployment_config.autoscaling_config
+        assert d.name == f"model-{name}" and d.init_args[:2] == (name, str(path.resolve()))
+        assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 5.0)
+        assert d.ray_actor_options["num_cpus"] == 2 and d.init_args[3] == 2  # torch threads follow num_cpus
+        assert d.max_ongoing_requests == 16  # 2 × max_batch_size: one batch queues while one decodes
+    fixed = build_app(from_dict(ServeConfig, {"models": [str(a)], "scaling": {"min_replicas": 2, "max_replicas": 2}}))
+    d = next(iter(fixed._bound_deployment.init_args[0].values()))._bound_deployment
+    assert d._deployment_config.autoscaling_config is None and d.num_replicas == 2
