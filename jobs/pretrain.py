@@ -245,7 +245,8 @@ def train_loop(c: dict[str, Any]) -> None:
         step_tokens = batch["input_ids"].numel() * ctx.dp_size
         loop_tokens += step_tokens
         row = {**m, "tokens_per_s": step_tokens / dt, "mfu": step_tokens * flops_tok / dt / float(peak),
-               "epoch": train.epoch_of(step * rows), "dp": ctx.dp_size}
+               "epoch": train.epoch_of(step * rows), "dp": ctx.dp_size,
+               "elapsed_s": time.perf_counter() - loop_t0}  # wall time of this attempt's loop so far
         s = engine.state.step
         if s % cfg.eval.every_n_steps == 0 or s == o.max_steps:
             row.update(validate())
