@@ -254,9 +254,9 @@ async def _bug(_: Request, e: Exception) -> JSONResponse:
     return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
 
 
-@serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0})
-@serve.ingress(api)
-class Ingress:
+class IngressServer:
+    """The HTTP front end (a plain class: `Ingress` below is its Serve deployment). Holds one handle per model."""
+
     def __init__(self, models: dict[str, Any], limits: dict[str, Any], key_sha256: str | None,
                  default_model: str | None) -> None:
         bind_replica_grpc_to_loopback()
@@ -316,11 +316,14 @@ class Ingress:
         seed = req.seed if req.seed is not None else secrets.randbelow(2**62)
         return name, Job(prompts, req.n, max_tokens, req.temperature, req.top_p, seed, req.stops(), req.logprobs)
 
+    def _timed_out(self) -> ApiError:
+        return ApiError(408, f"request timed out after {self.lim.request_timeout_s:g} s (limits.request_timeout_s)",
+                        None, "timeout", "timeout_error")
+
     def _deadline_left(self, t0: float) -> float:
         left = self.lim.request_timeout_s - (time.perf_counter() - t0)
         if left <= 0:
-            raise ApiError(408, f"request timed out after {self.lim.request_timeout_s:g} s "
-                                "(limits.request_timeout_s)", None, "timeout", "timeout_error")
+            raise self._timed_out()
         return left
 
     async def _call(self, name: str, job: Job, t0: float) -> Reply:
@@ -330,7 +333,7 @@ class Ingress:
                 return await asyncio.wait_for(response, self._deadline_left(t0))
             except asyncio.TimeoutError:
                 response.cancel()
-                self._deadline_left(t0 + self.lim.request_timeout_s)  # raises the 408
+                raise self._timed_out() from None
             except RETRYABLE:
                 if attempt == self.lim.retries:
                     raise
@@ -403,7 +406,7 @@ class Ingress:
                 break
             except asyncio.TimeoutError:
                 gen.cancel()
-                self._deadline_left(t0 + self.lim.request_timeout_s)
+                raise self._timed_out() from None
             except RETRYABLE:
                 if attempt == self.lim.retries:
                     raise
@@ -429,7 +432,7 @@ class Ingress:
                         break
                     except asyncio.TimeoutError:
                         gen.cancel()
-                        self._deadline_left(t0 + self.lim.request_timeout_s)
+                        raise self._timed_out() from None
                     for d in deltas:
                         n_tokens += len(d.token_ids)
                         rows = max(rows, d.batch_rows)
@@ -476,3 +479,7 @@ class Ingress:
     async def metrics(self, request: Request) -> Response:
         self._auth(request)
         return Response(generate_latest(self.registry), media_type="text/plain; version=0.0.4")
+
+
+# The ingress takes no CPU reservation: it only awaits handles.
+Ingress = serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0})(serve.ingress(api)(IngressServer))

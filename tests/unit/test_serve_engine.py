@@ -7,8 +7,10 @@ decoding, grouping and packing.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -240,3 +242,69 @@ def test_build_app_one_deployment_per_model_with_the_configured_scaling(tmp_path
     fixed = build_app(from_dict(ServeConfig, {"models": [str(a)], "scaling": {"min_replicas": 2, "max_replicas": 2}}))
     d = next(iter(fixed._bound_deployment.init_args[0].values()))._bound_deployment
     assert d._deployment_config.autoscaling_config is None and d.num_replicas == 2
+
+
+# --- ingress deadlines and retries (a stand-in for a model deployment's handle; the real one is exercised by
+# tests/cluster/test_serve.py, including a killed replica) ----------------------------------------------------
+class _Handle:
+    """Quacks like `DeploymentHandle` for `.complete.remote(job)`: each call pops the next behaviour."""
+
+    def __init__(self, *behaviours: object) -> None:
+        self.behaviours, self.calls, self.cancelled = list(behaviours), 0, 0
+        self.complete = self
+
+    def remote(self, job: Job):  # noqa: ANN201
+        self.calls += 1
+        behaviour, handle = self.behaviours.pop(0), self
+
+        class Response:
+            def __await__(self):  # noqa: ANN204
+                async def run():  # noqa: ANN202
+                    if isinstance(behaviour, float):
+                        await asyncio.sleep(behaviour)
+                    if isinstance(behaviour, BaseException):
+                        raise behaviour
+                    return behaviour
+                return run().__await__()
+
+            def cancel(self) -> None:
+                handle.cancelled += 1
+
+        return Response()
+
+
+def _ingress(handle: _Handle, **limits: object):  # noqa: ANN202
+    import dataclasses
+
+    from jobs.serve_deployments import IngressServer, LimitsConfig
+
+    return IngressServer({"m": handle}, dataclasses.asdict(LimitsConfig(**limits)), None, None)
+
+
+def test_ingress_answers_408_at_the_deadline_and_cancels_the_request() -> None:
+    handle = _Handle(30.0)
+    ingress = _ingress(handle, request_timeout_s=0.3)
+    t0 = time.perf_counter()
+    with pytest.raises(ApiError) as e:
+        asyncio.run(ingress._call("m", Job(["x"]), t0))
+    assert e.value.status == 408 and e.value.code == "timeout" and handle.cancelled == 1
+    assert time.perf_counter() - t0 < 5
+
+
+def test_ingress_resends_when_the_replica_died_and_gives_up_after_the_retries() -> None:
+    from ray.exceptions import ActorDiedError
+
+    from jobs.serve_deployments import Reply
+
+    ok = Reply(prompt_tokens=3)
+    handle = _Handle(ActorDiedError(), ActorDiedError(), ok)
+    assert asyncio.run(_ingress(handle, retries=2)._call("m", Job(["x"]), time.perf_counter())) is ok
+    assert handle.calls == 3
+    handle = _Handle(ActorDiedError(), ActorDiedError())
+    with pytest.raises(ActorDiedError):
+        asyncio.run(_ingress(handle, retries=1)._call("m", Job(["x"]), time.perf_counter()))
+    assert handle.calls == 2
+    handle = _Handle(ValueError("a bug"), ok)  # not a dead replica: never re-sent
+    with pytest.raises(ValueError):
+        asyncio.run(_ingress(handle, retries=2)._call("m", Job(["x"]), time.perf_counter()))
+    assert handle.calls == 1
