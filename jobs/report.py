@@ -166,7 +166,7 @@ def write_report(root: Path, cfg: Any, state: dict[str, Any], wall_seconds: floa
     lines = [
         f"# raygpt demo report — `{root}`", "",
         f"{time.strftime('%Y-%m-%d %H:%M')} · {os.cpu_count()} CPU cores · {platform.machine()} · "
-        f"total {(wall_seconds if wall_seconds is not None else _total_seconds(state)) / 60:.1f} min", "",
+        f"{_timing(state, wall_seconds)}", "",
         f"The InstructGPT pipeline: a GPT pretrained on the `{cfg.corpus}` corpus, fine-tuned on positive verse "
         "continuations approved by the simulated labeler (VADER), a K-wise reward model trained on the labeler's "
         "rankings of sampled responses, and PPO-ptx against that reward model. Held-out prompts were never "
@@ -220,7 +220,7 @@ EVAL_LABELS = {
     "rm_accuracy_decided": "… on the pairs the labeler did not tie",
     "pretrained/ppl": "held-out perplexity, pretrained",
     "sft/ppl": "held-out perplexity, SFT",
-    "ppo/ppl": "held-out perplexity, PPO (the ptx term keeps it near SFT's)",
+    "ppo/ppl": "held-out perplexity, PPO",
 }
 EVAL_KEYS = tuple(EVAL_LABELS)
 
@@ -246,5 +246,10 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
-def _total_seconds(state: dict[str, Any]) -> float:
-    return sum(v.get("seconds", 0) for v in state.values() if isinstance(v, dict))
+def _timing(state: dict[str, Any], wall_seconds: float | None) -> str:
+    stages = sum(v.get("seconds", 0) for v in state.values() if isinstance(v, dict))
+    if wall_seconds is None:
+        return f"stages {stages / 60:.1f} min"
+    if stages > wall_seconds * 1.05:  # a resumed run: some stages ran in an earlier invocation
+        return f"stages {stages / 60:.1f} min in all; this (resumed) run {wall_seconds / 60:.1f} min"
+    return f"total {wall_seconds / 60:.1f} min"

@@ -98,6 +98,8 @@ def test_report_from_stage_outputs(tmp_path):
     for png in ("lm_loss.png", "rm_accuracy.png", "ppo.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG
     assert out["numbers"]["win_rate"] == 0.8125
+    write_report(tmp_path, cfg, state, wall_seconds=100)  # resumed: earlier stages ran in another invocation
+    assert "stages 5.0 min in all; this (resumed) run 1.7 min" in (tmp_path / "report.md").read_text()
 
 
 def test_report_refuses_missing_metrics(tmp_path):
