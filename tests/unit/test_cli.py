@@ -95,7 +95,12 @@ def test_build_submission_ships_project_and_relative_config(tmp_path):
     # no loopback-only settings shipped to a real cluster
     assert "GLOO_SOCKET_IFNAME" not in spec["runtime_env"]["env_vars"]
 
+    wd = tmp_path / "wd"  # a working dir holding the job's module, and a config file beside it (not inside)
+    (wd / "jobs").mkdir(parents=True)
+    (wd / "jobs" / "tokenizer.py").write_text("")
     outside = tmp_path / "c.yaml"
     outside.write_text("vocab_size: 300\n")
     with pytest.raises(ConfigError, match="outside the working dir"):
-        build_submission("tokenizer", ["--config", str(outside)])
+        build_submission("tokenizer", ["--config", str(outside)], working_dir=wd)
+    with pytest.raises(ConfigError, match="does not contain jobs.prepare"):
+        build_submission("prepare", [], working_dir=wd)
