@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import io
 import sys
 from collections.abc import Callable, Iterator
@@ -136,7 +137,7 @@ def job_main(
 
     parser = argparse.ArgumentParser(
         prog=prog,
-        description=(cls.__doc__ or "").strip(),
+        description=inspect.cleandoc(cls.__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config fields (set in YAML or with --set NAME=VALUE):\n" + "\n".join(help_lines(cls)),
     )

@@ -50,7 +50,10 @@ class RequestConfig:
 
 @dataclass
 class DemoConfig:
-    """The whole pipeline on one local Ray cluster; ends with runs/<name>/report.md."""
+    """The whole InstructGPT pipeline on one local Ray cluster (tokenizer → prepare → pretrain → SFT → comparisons
+    → RM → PPO-ptx → eval → serve one request), ending with runs/<name>/report.md and plots. Reads
+    configs/demo.yaml unless --config is given; --smoke reads configs/demo-smoke.yaml (tiny steps, for CI).
+    Each stage section takes that job's fields (`raygpt <job> --help`)."""
 
     name: str = field("demo", help="run directory runs/<name>/ (stage runs inside it)")
     runs_root: str = field("runs", help="directory holding run directories")
