@@ -48,16 +48,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
 
     if ray.is_initialized():
         return ray.cluster_resources()
-    runtime_env = {"env_vars": dict(WORKER_ENV)}
     if is_embedded(address):
+        # Loopback settings only for the single-node embedded cluster: on a real cluster gloo must use the
+        # cluster network, so workers keep the cluster's own environment.
+        runtime_env = {"env_vars": dict(WORKER_ENV)}
         ray.init(
             num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1", runtime_env=runtime_env, logging_level="WARNING",
             log_to_driver=kwargs.pop("log_to_driver", True), **kwargs,
         )
     else:
-        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=runtime_env, logging_level="WARNING",
-                 **kwargs)
+        ray.init(address=address or os.environ["RAY_ADDRESS"], logging_level="WARNING", **kwargs)
     return ray.cluster_resources()
 
 

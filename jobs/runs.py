@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,10 @@ class MetricsWriter:
             for k, v in row.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
+        if "ray" in sys.modules:  # mirror on Ray's metrics export (dashboard/Prometheus) when Ray runs here
+            from cluster.ray_metrics import publish
+
+            publish(self.dir.name, row)
         return row
 
     def close(self) -> None:
