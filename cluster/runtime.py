@@ -43,7 +43,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     submitted to a cluster, or a test fixture). `num_cpus` is logical: oversubscribing a 2-core machine is
     fine for the tiny defaults.
     """
-    local_env()  # before importing ray: it reads these at import time
+    if is_embedded(address):
+        local_env()  # before importing ray: it reads these at import time
     import ray
 
     if ray.is_initialized():
