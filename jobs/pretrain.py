@@ -230,7 +230,7 @@ def train_loop(c: dict[str, Any]) -> None:
     if engine.state.step == 0:
         engine.log(validate())  # step-0 row: the untrained model's validation perplexity
     fail = c.get("inject_failure")
-    loop_t0, loop_tokens = time.perf_counter(), 0
+    loop_t0, cpu_t0, loop_tokens = time.perf_counter(), time.process_time(), 0
     for step in range(engine.state.step, o.max_steps):
         if fail and step == fail["step"] and ctx.rank == fail["rank"] and not Path(fail["marker"]).exists():
             Path(fail["marker"]).write_text(f"rank {ctx.rank} failed before step {step + 1}\n")
@@ -246,7 +246,8 @@ def train_loop(c: dict[str, Any]) -> None:
         loop_tokens += step_tokens
         row = {**m, "tokens_per_s": step_tokens / dt, "mfu": step_tokens * flops_tok / dt / float(peak),
                "epoch": train.epoch_of(step * rows), "dp": ctx.dp_size,
-               "elapsed_s": time.perf_counter() - loop_t0}  # wall time of this attempt's loop so far
+               # wall and CPU (all threads of this worker) time of this attempt's loop so far
+               "elapsed_s": time.perf_counter() - loop_t0, "cpu_s": time.process_time() - cpu_t0}
         s = engine.state.step
         if s % cfg.eval.every_n_steps == 0 or s == o.max_steps:
             row.update(validate())
