@@ -54,10 +54,15 @@ def load_model(path: str, kind: Kind) -> nn.Module:
 
 
 def response_logits(model: nn.Module, rollout: Rollout) -> Tensor:
-    """(B, T, V) logits that predict response tokens: position P-1+t of the full sequence predicts a_t."""
+    """(B, T, V) logits that predict response tokens: position P-1+t of the full sequence predicts a_t.
+
+    The unembedding runs on those T positions only, not on all P+T: for small models the vocabulary projection is
+    the largest matmul, and PPO never needs the prompt's next-token distributions. `model` is a GPT or a DeepSpeed
+    engine wrapping one (its submodules are called directly; ZeRO's parameter hooks sit on the submodules)."""
     dev = device()
-    logits = model(rollout.input_ids.to(dev), rollout.attention_mask.to(dev))
-    return logits[:, rollout.prompt_len - 1:-1]
+    lm = getattr(model, "module", model)
+    hidden = lm.transformer(rollout.input_ids.to(dev), rollout.attention_mask.to(dev))  # (B, P+T, C)
+    return lm.lm_head(hidden[:, rollout.prompt_len - 1:-1])
 
 
 def response_logprobs(logits: Tensor, rollout: Rollout, temperature: float) -> Tensor:

@@ -51,7 +51,7 @@ class PPOConfig:
     gamma: float = field(1.0, help="discount γ of GAE")
     lam: float = field(0.95, help="GAE λ")
     whiten_advantages: bool = field(True, help="normalise advantages over the whole batch")
-    policy_lr: float = field(1e-5, help="policy AdamW learning rate")
+    policy_lr: float = field(2e-5, help="policy AdamW learning rate")
     value_lr: float = field(1e-5, help="value AdamW learning rate")
     weight_decay: float = field(0.0, help="AdamW weight decay (policy and value)")
     grad_clip: float = field(1.0, help="gradient-norm clip (0 = off)")
@@ -63,7 +63,8 @@ class PPOConfig:
 class PtxConfig:
     """PPO-ptx (InstructGPT eq. 2): γ·pretraining LM loss mixed into every policy step."""
 
-    coef: float = field(0.0, help="γ; 0 disables ptx")
+    coef: float = field(0.2, help="γ; 0 disables ptx (0.2 keeps the tiny demo's pretraining loss from rising at "
+                                  "no cost in win rate: docs/PPO.md)")
     data: str = field("data/shakespeare", help="prepared Parquet dataset (`raygpt prepare`), its train split")
     batch_size: int = field(4, help="pretraining rows per optimizer step, summed over policy ranks")
     block_size: int = field(64, help="tokens per pretraining row")

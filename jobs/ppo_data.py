@@ -111,7 +111,7 @@ def gold_function(cfg: PPOJobConfig) -> GoldFn | None:
     return fn
 
 
-def ptx_dataset(cfg: PPOJobConfig) -> Any:
+def ptx_dataset(cfg: PPOJobConfig, tok: Any) -> Any:
     """The PPO-ptx pretraining stream (train split of a prepared dataset), or None when ptx.coef is 0."""
     if cfg.ptx.coef <= 0:
         return None
@@ -127,4 +127,7 @@ def ptx_dataset(cfg: PPOJobConfig) -> Any:
     if ds.meta["vocab_size"] > model.vocab_size:
         raise ConfigError(f"ptx.data: dataset vocabulary {ds.meta['vocab_size']} is larger than the policy's "
                           f"{model.vocab_size}")
+    if ds.meta.get("tokenizer", {}).get("sha256") not in (None, tok.sha256()):
+        raise ConfigError(f"ptx.data: {cfg.ptx.data} was tokenized with another tokenizer "
+                          f"({ds.meta['tokenizer'].get('path')}) than the policy's ({tok.source})")
     return ds

@@ -128,7 +128,7 @@ class Controller:
         self.tok, self.tokenizer_path = load_tokenizer(cfg)
         self.prompts_train = PromptSet.load(cfg, self.tok, cfg.prompts.split)
         self.gold = gold_function(cfg)
-        self.ptx = ptx_dataset(cfg)
+        self.ptx = ptx_dataset(cfg, self.tok)
         self.n_policy = self.spec.roles["policy"].replicas
         self.n_value = self.spec.roles["value"].replicas
         self.generator_role, self.n_gen = cfg.generators(self.spec)

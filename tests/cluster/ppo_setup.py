@@ -61,3 +61,44 @@ def tiny_overrides(art: dict[str, Any], run_root: Path, name: str, **extra: Any)
     for key, value in extra.items():
         merge(base, key.split("."), value)
     return base
+
+
+def build_gold_artifacts(root: Path, vocab_size: int = 2048, steps: int = 200, seed: int = 0) -> dict[str, Any]:
+    """A word-level-ish `nano` LM for the gold-score test: a BPE tokenizer on the Shakespeare corpus (so common
+    words such as " love" are single tokens) and `steps` AdamW steps of next-token training on the plays (batch
+    32 × 32 tokens, ~10–30 s on 2 cores). It stands in for the SFT model: it writes word-like verse, which is all
+    the test needs for the labeler's score to vary between samples."""
+    import numpy as np
+
+    from jobs.data import load_texts
+    from models.checkpoint import save_checkpoint
+    from models.config import GPTConfig
+    from models.gpt import GPT
+    from models.losses import lm_loss
+    from models.tokenizer import Tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok_path = root / "tokenizer.json"
+    texts = load_texts("shakespeare")
+    if not tok_path.is_file():
+        Tokenizer.train(texts, vocab_size=vocab_size).save(tok_path)
+    tok = Tokenizer.from_file(tok_path)
+    if not (root / "sft").is_dir():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # reproducible weights across machines (and no fight with Ray's workers)
+        ids = np.concatenate([np.asarray([*tok.encode(t[:200_000]), tok.eos_id]) for t in texts[:8]])
+        torch.manual_seed(seed)
+        cfg = GPTConfig.from_name("nano", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
+        model = GPT(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - 33, (32,), generator=gen).tolist()
+            x = torch.stack([torch.from_numpy(ids[s:s + 33]) for s in starts])
+            loss = lm_loss(model(x[:, :-1]), x[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.set_num_threads(threads)
+        save_checkpoint(model, root / "sft", kind="lm", tokenizer=tok_path)
+    return {"root": root, "tokenizer": str(tok_path), "sft": str(root / "sft")}

@@ -93,8 +93,13 @@ def reference_run(ray_session, art, runs_root) -> tuple[list[dict], dict]:
     return rows, weights
 
 
-def test_disaggregated_layout_gives_the_same_result(reference_run, art, runs_root) -> None:
-    run(config(art, runs_root, "disaggregated", **{"placement.layout": "disaggregated"}))
+def test_disaggregated_layout_with_rollout_workers_gives_the_same_result(reference_run, art, runs_root) -> None:
+    # One run serves two claims: the layout is config only, and rollout workers sample with exactly the policy's
+    # weights (broadcast after every update, version + checksum checked) — either change would break equality.
+    run(config(art, runs_root, "disaggregated", **{"placement.layout": "disaggregated",
+                                                   "placement.replicas.rollout": 1}))
+    rows = read_metrics(runs_root / "disaggregated")
+    assert all(r["time_sync"] > 0 for r in rows)  # weights were broadcast after every update
     assert_same(results(runs_root, "disaggregated"), reference_run)
 
 
@@ -106,15 +111,35 @@ def test_resume_equals_uninterrupted_run(reference_run, art, runs_root) -> None:
     assert_same(results(runs_root, "resumed"), reference_run)
 
 
-def test_rollout_workers_receive_the_policys_weights(reference_run, art, runs_root) -> None:
-    run(config(art, runs_root, "rollout-workers", **{"placement.replicas.rollout": 1}))
-    rows = read_metrics(runs_root / "rollout-workers")
-    assert all(r["time_sync"] > 0 for r in rows)  # weights were broadcast after every update
-    assert_same(results(runs_root, "rollout-workers"), reference_run)
-
-
 def test_killed_actors_restart_and_the_run_matches(reference_run, art, runs_root) -> None:
     faults = ["reference:0:score", "reward:1:score", "value:1:update", "policy:1:generate"]
     summary = run(config(art, runs_root, "faults", **{"fault.inject": faults}))
     assert summary["recoveries"] == len(faults)
     assert_same(results(runs_root, "faults"), reference_run, rel=1e-6)
+
+
+def test_ppo_raises_the_gold_score_over_sft_on_heldout_prompts(ray_session, tmp_path_factory, runs_root) -> None:
+    """The embedded task (Shakespeare openings, VADER labeler), seed 0. The reward is the labeler itself behind
+    the user-function interface (`reward_function`), and the SFT model is a `nano` LM trained for 200 steps on the
+    plays (ppo_setup.build_gold_artifacts) — a learned reward model is the demo's job; this test is about the PPO
+    machinery moving a policy up a reward while KL(π‖π_SFT) stays bounded.
+    Measured with this config (64 held-out prompts, 16 iterations of 64 samples): seed 0: gold 0.11 → 0.46, win
+    rate 0.77, KL 4.7 nats (max over iterations 4.7); seed 1: 0.09 → 0.52, 0.81, 5.5; seed 2: 0.08 → 0.38, 0.73,
+    3.7. Asserted: gold +0.15, win rate ≥ 0.65, KL < 12 nats at every iteration and on the held-out prompts."""
+    from ppo_setup import build_gold_artifacts
+
+    art = build_gold_artifacts(tmp_path_factory.mktemp("ppo-gold"))
+    cfg = from_dict(PPOJobConfig, {
+        "name": "gold", "runs_root": str(runs_root), "seed": 0, "iterations": 16, "batch_size": 64,
+        "policy": art["sft"], "reward_model": None, "reward_function": "jobs.tasks.positive_verse:PositiveVerseTask",
+        "gold": "task", "sampling": {"max_new_tokens": 10}, "kl": {"init_beta": 0.05}, "ptx": {"coef": 0.0},
+        "ppo": {"epochs": 4, "minibatch_size": 16, "policy_lr": 2e-3, "value_lr": 2e-3},
+        "prompts": {"source": "task", "eval_size": 64}, "placement": {"cpus_per_worker": 0.25},
+    })
+    ev = run(cfg)["eval"]
+    rows = read_metrics(runs_root / "gold")
+    print({k: v for k, v in ev.items() if k != "samples"})
+    assert ev["prompts"] == 64 and ev["split"] == "heldout"
+    assert ev["gold_ppo"] > ev["gold_sft"] + 0.15
+    assert ev["win_rate"] >= 0.65
+    assert ev["kl_ppo_sft"] < 12.0 and max(r["kl"] for r in rows) < 12.0

@@ -224,3 +224,19 @@ def test_rollout_worker_refuses_missing_and_corrupted_weights(tmp_path) -> None:
         worker.load_weights(WeightsMessage(version=2, checksum=message.checksum, state=bad))
     with pytest.raises(RolloutError, match="no weights yet"):
         worker.generate([[1, 2]], [0], [5])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_logprobs_equal_the_training_forward(temperature: float) -> None:
+    """PPO's ratio π_θ/π_old is exactly 1 before the first step only if the sampler's log-probs (KV cache, one
+    token at a time) equal the update's (one full forward pass over prompt + response) under the same
+    temperature."""
+    from actors.base import response_logits, response_logprobs
+
+    model = nano_model(2)
+    prompts = [[5 + i] * (1 + i % 4) for i in range(8)]
+    r = sample_rollout(model, prompts, list(range(8)), list(range(8)),
+                       Sampling(max_new_tokens=10, temperature=temperature, eos_id=0), 0, "")
+    with torch.no_grad():
+        again = response_logprobs(response_logits(model, r), r, temperature)
+    assert_close(again, r.old_logprobs, atol=1e-5, rtol=0)
