@@ -49,7 +49,11 @@ class ValueWorker(DistributedWorker):
         self.engine: Any = None
 
     def setup(self, snapshot: tuple[str, str] | None = None) -> None:
-        """Collective: build the engine from the init checkpoint, then restore `(directory, tag)` if given."""
+        """Collective: build the engine from the init checkpoint, then restore `(directory, tag)` if given.
+
+        From an LM checkpoint the value head starts fresh: seeding first makes that head the same in every run,
+        every rank and after every restart (otherwise two runs of the same config would differ)."""
+        torch.manual_seed(derive_seed(self.spec.seed, 4))
         self.engine = build_engine(load_model(self.spec.checkpoint, "value"), self.spec.engine)
         if snapshot is not None:
             load_engine(self.engine, *snapshot)

@@ -57,6 +57,29 @@ def model_config(path: str, field_name: str) -> Any:
     return cfg
 
 
+def check_checkpoints(cfg: PPOJobConfig) -> None:
+    """The policy is an LM, the reward model a reward model, and every model reads the same token ids."""
+    def read(path: str, name: str) -> tuple[Any, str]:
+        try:
+            model, kind, _ = read_config(path)
+        except CheckpointError as e:
+            raise ConfigError(f"{name}: {e}") from None
+        return model, kind
+
+    policy, kind = read(cfg.policy, "policy")
+    if kind != "lm":
+        raise ConfigError(f"policy: {cfg.policy} is a {kind!r} checkpoint, not a language model")
+    for name, path in (("reward_model", cfg.reward_model), ("value_init", cfg.value_init)):
+        if path is None:
+            continue
+        other, kind = read(path, name)
+        if name == "reward_model" and kind != "reward":
+            raise ConfigError(f"reward_model: {path} is a {kind!r} checkpoint, not a reward model")
+        if other.vocab_size != policy.vocab_size:
+            raise ConfigError(f"{name}: vocabulary {other.vocab_size} differs from the policy's {policy.vocab_size} "
+                              f"(they must share the tokenizer)")
+
+
 @dataclass
 class PromptSet:
     texts: list[str]

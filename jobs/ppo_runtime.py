@@ -121,9 +121,10 @@ class Controller:
     """Owns the groups, the KL controller, checkpoints and metrics. Used as a context manager by `jobs/ppo.run`."""
 
     def __init__(self, cfg: PPOJobConfig) -> None:
-        from jobs.ppo_data import PromptSet, gold_function, load_tokenizer, ptx_dataset
+        from jobs.ppo_data import PromptSet, check_checkpoints, gold_function, load_tokenizer, ptx_dataset
 
         self.cfg = cfg
+        check_checkpoints(cfg)
         self.spec = cfg.placement_spec()
         self.tok, self.tokenizer_path = load_tokenizer(cfg)
         self.prompts_train = PromptSet.load(cfg, self.tok, cfg.prompts.split)

@@ -50,7 +50,9 @@ def tiny_overrides(art: dict[str, Any], run_root: Path, name: str, **extra: Any)
 
     base: dict[str, Any] = {
         "name": name, "runs_root": str(run_root), "seed": 0, "iterations": 2, "batch_size": 8,
-        "policy": art["sft"], "reward_model": art["rm"], "tokenizer": art["tokenizer"], "gold": None,
+        # value_init = the LM: the critic's head starts fresh, which must still be identical in every run
+        "policy": art["sft"], "reward_model": art["rm"], "value_init": art["sft"], "tokenizer": art["tokenizer"],
+        "gold": None,
         "sampling": {"max_new_tokens": 8},
         "ppo": {"epochs": 2, "minibatch_size": 4, "policy_lr": 1e-3, "value_lr": 1e-3},
         "ptx": {"coef": 0.5, "data": art["ptx"], "batch_size": 2, "block_size": 16},
