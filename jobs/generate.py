@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prompts = args.prompt or [""]
     encoded = [tok.encode(p) or [tok.eos_id] for p in prompts for _ in range(args.num_samples)]
-    torch.set_grad_enabled(False)
     try:
-        out = generate(model, encoded, params)
+        with torch.no_grad():
+            out = generate(model, encoded, params)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
