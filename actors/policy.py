@@ -33,7 +33,14 @@ from actors.base import (
     weights_checksum,
 )
 from actors.rollout import Rollout, RolloutError
-from cluster.deepspeed_engine import EngineSpec, build_engine, full_state_dict, load_engine, save_engine
+from cluster.deepspeed_engine import (
+    EngineSpec,
+    build_engine,
+    full_state_dict,
+    global_token_scale,
+    load_engine,
+    save_engine,
+)
 from cluster.worker_group import DistributedWorker
 from models.losses import entropy_from_logits, lm_loss, policy_loss
 from models.masked import masked_mean
@@ -157,6 +164,7 @@ class PolicyWorker(DistributedWorker):
                     scaled = logits / temperature if temperature > 0 else logits
                     sums["entropy"] += float(masked_mean(entropy_from_logits(scaled.float()), mask))
                 sums["pg_loss"] += float(loss.detach())
+                loss = loss * global_token_scale(mask)  # token mean over all ranks' minibatch rows, not per rank
                 if ptx is not None and spec.ptx_coef > 0:
                     block = torch.tensor(ptx[step], dtype=torch.long, device=dev)
                     ptx_loss = lm_loss(eng(block[:, :-1]), block[:, 1:])

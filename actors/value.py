@@ -17,7 +17,7 @@ from torch import Tensor
 
 from actors.base import ScoreMeta, derive_seed, device, load_model, score_meta
 from actors.rollout import Rollout, RolloutError
-from cluster.deepspeed_engine import EngineSpec, build_engine, load_engine, save_engine
+from cluster.deepspeed_engine import EngineSpec, build_engine, global_token_scale, load_engine, save_engine
 from cluster.worker_group import DistributedWorker
 from models.losses import value_loss
 
@@ -89,7 +89,7 @@ class ValueWorker(DistributedWorker):
                 mask = part.action_mask.to(dev)
                 values = response_values(eng, part)
                 loss, m = value_loss(values, part.values.to(dev), part.returns.to(dev), mask, spec.clip_eps)
-                eng.backward(loss)
+                eng.backward(loss * global_token_scale(mask))  # token mean over all ranks' minibatch rows
                 eng.step()
                 self.fault_point()  # after a step: a crash here leaves half-updated weights behind
                 sums["vf_loss"] += float(loss.detach())

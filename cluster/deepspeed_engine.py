@@ -142,6 +142,24 @@ def load_engine(engine: Any, directory: str | Path, tag: str) -> dict[str, Any]:
     return dict((client_state or {}).get("raygpt", {}))
 
 
+def global_token_scale(mask: torch.Tensor) -> float:
+    """Collective: the factor that turns this rank's token-mean loss into its share of the token mean over the
+    whole data-parallel minibatch: world · n_local / n_global.
+
+    DeepSpeed averages gradients over ranks, i.e. weighs every rank's mean equally; with variable-length responses
+    that over-weighs the tokens of short-response ranks. Scaling each rank's loss by this factor makes the averaged
+    gradient that of the global token mean (veRL's "token-mean" aggregation across DP). 1.0 on a single rank."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return 1.0
+    local = mask.bool().sum().to(torch.float64).reshape(1).cpu()
+    total = local.clone()
+    dist.all_reduce(total)
+    return float(world * local / total.clamp_min(1.0))
+
+
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     """Collective under ZeRO / bf16 (every rank must call): the full fp32 weights of the engine's module on CPU, with
     models/ parameter names (tied weights listed under each name). Plain parameters are read directly."""

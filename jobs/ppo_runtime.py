@@ -259,6 +259,20 @@ class Controller:
                                         f"({checksum[:12]}…), the policy is at {self.expected}")
         self.timings["sync"] = time.perf_counter() - t0
 
+    def _member_lost(self, refs: list[Any]) -> bool:
+        """Whether any of these calls failed because its actor died (rather than with an exception of its own)."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=self.cfg.fault.stage_timeout_s)
+            except (RayActorError, ActorUnavailableError, GetTimeoutError):
+                return True
+            except Exception:  # noqa: BLE001 - this call's own error; look at the others
+                continue
+        return False
+
     def _recover(self, role: str, timed_out: bool) -> None:
         self.recoveries += 1
         group = self.groups[role]
@@ -275,7 +289,7 @@ class Controller:
 
         Returns role → (waited results, outputs)."""
         import ray
-        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
         t0 = time.perf_counter()
         for fault in self.faults:  # arm before submitting: the worker crashes inside this stage's call
@@ -296,12 +310,17 @@ class Controller:
                 try:
                     out[role] = (ray.get(wait, timeout=self.cfg.fault.stage_timeout_s), outputs)
                     break
-                except (RayActorError, ActorUnavailableError, GetTimeoutError) as e:
+                except (RayActorError, ActorUnavailableError, GetTimeoutError, RayTaskError) as e:
+                    # A rank whose peer died fails inside a collective ("connection reset"): that is the peer's
+                    # failure, not a bug. Any other exception raised by worker code is re-raised — retrying it
+                    # would only repeat it.
+                    if isinstance(e, RayTaskError) and not self._member_lost(wait):
+                        raise
                     if attempt == self.cfg.fault.max_stage_retries:
                         raise StageFailed(f"{stage}: the {role} group failed {attempt + 1} times in iteration {it}; "
                                           f"last error: {type(e).__name__}: {e}") from e
                     print(f"[ppo] iteration {it} {stage}: {role} worker lost ({type(e).__name__}); restarting the "
-                          f"{role} group from the last checkpoint and retrying", flush=True)
+                          f"{role} group, reloading its last state and retrying the stage", flush=True)
                     self._recover(role, timed_out=isinstance(e, GetTimeoutError))
                     wait, outputs = call()
         self.timings[stage] = time.perf_counter() - t0

@@ -54,10 +54,12 @@ def tiny_overrides(art: dict[str, Any], run_root: Path, name: str, **extra: Any)
         "policy": art["sft"], "reward_model": art["rm"], "value_init": art["sft"], "tokenizer": art["tokenizer"],
         "gold": None,
         "sampling": {"max_new_tokens": 8},
-        "ppo": {"epochs": 2, "minibatch_size": 4, "policy_lr": 1e-3, "value_lr": 1e-3},
         "ptx": {"coef": 0.5, "data": art["ptx"], "batch_size": 2, "block_size": 16},
         "prompts": {"source": art["prompts"], "eval_size": 4},
-        "placement": {"cpus_per_worker": 0.25},
+        # Two data-parallel ranks for the trainers, ZeRO-1: worlds, sharded optimizer state and its checkpoints,
+        # the weight gather for rollout workers and the DP weight agreement check are all exercised.
+        "placement": {"cpus_per_worker": 0.25, "replicas": {"policy": 2, "value": 2}},
+        "ppo": {"epochs": 2, "minibatch_size": 4, "policy_lr": 1e-3, "value_lr": 1e-3, "zero_stage": 1},
         "fault": {"stage_timeout_s": 120.0},
     }
     for key, value in extra.items():
