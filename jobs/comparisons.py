@@ -51,7 +51,7 @@ class GenerateSection:
     """Sampling K responses per prompt and ranking them with the task's labeler."""
 
     k: int = field(4, help=f"responses per prompt (2..{MAX_K}; InstructGPT used 4-9)")
-    train_prompts: int = field(2048, help="train prompts to compare (0 = all of the task's train prompts)")
+    train_prompts: int = field(4096, help="train prompts to compare (0 = all of the task's train prompts)")
     heldout_prompts: int = field(256, help="held-out prompts to compare, for RM accuracy (0 = none)")
     sampling: SamplingSection = field(SamplingSection(), help="sampling")
     workers: int = field(2, help="Ray tasks generating in parallel (1 CPU each)")

@@ -189,11 +189,15 @@ def check(cfg: EvalConfig) -> None:
     from models.checkpoint import CheckpointError, read_config, tokenizer_path
 
     for label, path in [*cfg.models.items(), *([("reward_model", cfg.reward_model)] if cfg.reward_model else [])]:
+        where = f"models.{label}" if label != "reward_model" else "reward_model"
         try:
-            read_config(path)
+            kind = read_config(path)[1]
             tokenizer_path(path)
         except CheckpointError as e:
-            raise ConfigError(f"models.{label}: {e}" if label != "reward_model" else f"reward_model: {e}") from None
+            raise ConfigError(f"{where}: {e}") from None
+        want = "reward" if label == "reward_model" else "lm"
+        if kind != want:
+            raise ConfigError(f"{where}: {path} is a {kind!r} checkpoint, expected {want!r}")
     if cfg.comparisons and not Path(cfg.comparisons).is_file():
         raise ConfigError(f"comparisons: no such file {cfg.comparisons}")
 

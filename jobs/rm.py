@@ -57,8 +57,8 @@ class RMDataSection:
 class RMOptimConfig(OptimConfig):
     """The engine's optimizer section with reward-model defaults (a subclass: see jobs.sft.SFTOptimConfig)."""
 
-    lr: float = field(3e-4, help="peak learning rate (after warmup)")
-    max_steps: int = field(128, help="optimizer steps (tiny defaults: 1 epoch of 2,048 prompts; InstructGPT §C "
+    lr: float = field(1e-3, help="peak learning rate (after warmup)")
+    max_steps: int = field(256, help="optimizer steps (tiny defaults: 1 epoch of 4,096 prompts; InstructGPT §C "
                                      "trains the RM for a single epoch)")
     micro_batch_size: int = field(8, help="prompts per micro-batch per rank, each with its K responses")
     weight_decay: float = field(0.0, help="AdamW decoupled weight decay on matrices")

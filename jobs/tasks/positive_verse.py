@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from jobs.data import DEFAULT_VALIDATION_FRACTION, load_documents, split_documents
 from jobs.tasks.base import Demonstration, Split, Task, TaskError, check_split, heldout_prompt
@@ -103,12 +103,11 @@ class PositiveVerseTask(Task):
     @cached_property
     def lines(self) -> list[VerseLine]:
         """All candidate lines of the held-in documents, in corpus order."""
-        docs = split_documents(load_documents(self.corpus), self.validation_fraction)["train"]
-        lines = [v for d in docs for v in split_lines(d.text, self.prompt_words, self.response_lines)]
+        lines = _held_in_lines(self.corpus, self.validation_fraction, self.prompt_words, self.response_lines)
         if not lines:
             raise TaskError(f"task {self.name!r}: corpus {self.corpus!r} has no line with at least "
                             f"{self.prompt_words + 2} words in its held-in documents")
-        return lines
+        return list(lines)
 
     @cached_property
     def _prompt_splits(self) -> dict[str, list[str]]:
@@ -128,7 +127,7 @@ class PositiveVerseTask(Task):
         """Real continuations of train-prompt lines that the labeler scores ≥ demo_threshold (deduplicated)."""
         train = set(self._prompt_splits["train"])
         candidates = list(dict.fromkeys((v.prompt, v.continuation) for v in self.lines if v.prompt in train))
-        scores = self.gold_scores([p for p, _ in candidates], [r for _, r in candidates])
+        scores = _scores_of_lines(tuple(p + r for p, r in candidates))
         demos = [Demonstration(p, r) for (p, r), s in zip(candidates, scores) if s >= self.demo_threshold]
         if not demos:
             raise TaskError(f"task {self.name!r}: no continuation scores >= demo_threshold={self.demo_threshold}")
@@ -139,3 +138,17 @@ class PositiveVerseTask(Task):
             raise ValueError(f"gold_scores: {len(prompts)} prompts for {len(responses)} responses")
         # The line as read: the response continues the prompt's text directly (it carries its own leading space).
         return self.labeler.scores([p + r for p, r in zip(prompts, responses)])
+
+
+# Jobs that run in one process (the demo: SFT, then the RM's normalisation) ask for the same lines and
+# demonstrations more than once; labelling ~80k lines takes seconds, so both are memoised per process.
+@lru_cache(maxsize=2)
+def _held_in_lines(corpus: str, validation_fraction: float, prompt_words: int, response_lines: int
+                   ) -> tuple[VerseLine, ...]:
+    docs = split_documents(load_documents(corpus), validation_fraction)["train"]
+    return tuple(v for d in docs for v in split_lines(d.text, prompt_words, response_lines))
+
+
+@lru_cache(maxsize=2)
+def _scores_of_lines(texts: tuple[str, ...]) -> tuple[float, ...]:
+    return tuple(VaderLabeler().scores(texts))
