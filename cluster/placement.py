@@ -131,6 +131,9 @@ class PlacementConfig:
 
     def check(self) -> PlacementSpec:
         """Validate and resolve (raises PlacementError with the field path relative to the placement config)."""
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.cpus_per_worker + self.gpus_per_worker <= 0:
+            raise PlacementError(f"cpus_per_worker/gpus_per_worker: must be >= 0 and not both 0, got "
+                                 f"{self.cpus_per_worker}/{self.gpus_per_worker}")
         for role, n in self.replicas.items():
             if role not in ROLES:
                 raise PlacementError(f"replicas.{role}: unknown role (known: {', '.join(ROLES)})")
