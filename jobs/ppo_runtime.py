@@ -228,6 +228,8 @@ class Controller:
             except Exception:  # noqa: BLE001 - best effort on the way out; the pools are removed next
                 pass
         remove_pools(getattr(self, "pools", {}))
+        for scratch in (self.run_dir / ".rendezvous", self.fault_dir):  # FileStore files, unclaimed fault markers
+            shutil.rmtree(scratch, ignore_errors=True)
         self.metrics.close()
         if getattr(self, "_started_ray", False):
             import ray
@@ -403,7 +405,6 @@ class Controller:
                 prompts = [p for t in texts for p in t[0]]
                 responses = [r for t in texts for r in t[1]]
                 self.gold_reward = float(np.mean(self.gold(prompts, responses)))
-                self.sample = (prompts[0], responses[0])
 
         res = self._stage(it, "update", {
             "policy": lambda: (refs := self.policy.update(batch.policy, ptx, it), refs),
