@@ -33,7 +33,8 @@ MAX_K = 9  # InstructGPT §3.4: labelers ranked between K = 4 and K = 9 response
 class SamplingSection:
     """How responses are sampled (models/generation.py)."""
 
-    max_new_tokens: int = field(20, help="response length limit in tokens (generation stops earlier at EOS)")
+    max_new_tokens: int = field(24, help="response length limit in tokens (generation stops earlier at EOS); "
+                                         "24 = the longest SFT demonstration, so ~90% of SFT samples end with EOS")
     temperature: float = field(1.0, help="sampling temperature (0 = greedy)")
     top_k: int = field(0, help="top-k filter (0 = off)")
     top_p: float = field(1.0, help="nucleus filter (1 = off)")

@@ -144,20 +144,25 @@ def evaluate_format(model: Any, tokenizer: Any, fmt: PromptFormat, shots: int, m
 
     model.eval()
     n_ctx = model.config.n_ctx
-    logps, ems, f1s = [], [], []
+    contexts, targets = [], []
     for i, (_, target) in enumerate(fmt.examples):
-        ctx_ids = tokenizer.encode(fmt.context(i, shots))
         tgt_ids = tokenizer.encode(target)
         keep = n_ctx - max(len(tgt_ids), max_new_tokens)
-        ctx_ids = ctx_ids[-keep:]  # keep the end: the query must stay in the window
-        with torch.no_grad():
+        contexts.append(tokenizer.encode(fmt.context(i, shots))[-keep:])  # keep the end: the query must fit
+        targets.append(tgt_ids)
+    logps = []
+    with torch.no_grad():
+        for ctx_ids, tgt_ids in zip(contexts, targets):
             seq = torch.tensor([ctx_ids + tgt_ids])
-            lp = token_logprobs(model(seq[:, :-1]), seq[:, 1:])[0, len(ctx_ids) - 1:]
-        logps.append(float(lp.mean()))
-        gen = generate(model, [ctx_ids], SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                                                        eos_token_id=tokenizer.eos_id))
-        ids = [t for t, m in zip(gen.response_ids[0].tolist(), gen.response_mask[0].tolist()) if m]
-        pred = re.split(r"\n", tokenizer.decode([t for t in ids if t != tokenizer.eos_id]), maxsplit=1)[0]
+            logps.append(float(token_logprobs(model(seq[:, :-1]), seq[:, 1:])[0, len(ctx_ids) - 1:].mean()))
+    # one batched greedy pass for all examples (left-padded; rows do not interact)
+    gen = generate(model, contexts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                                   eos_token_id=tokenizer.eos_id))
+    ems, f1s = [], []
+    for row, mask, target in zip(gen.response_ids.tolist(), gen.response_mask.tolist(),
+                                 (t for _, t in fmt.examples)):
+        ids = [t for t, m in zip(row, mask) if m and t != tokenizer.eos_id]
+        pred = re.split(r"\n", tokenizer.decode(ids), maxsplit=1)[0]
         ems.append(float(normalize_answer(pred) == normalize_answer(target)))
         f1s.append(token_f1(pred, target))
     n = len(fmt.examples)
