@@ -147,3 +147,34 @@ def test_embedded_shakespeare_prompts() -> None:
     assert not set(train) & set(held)
     assert 0.07 < len(held) / (len(train) + len(held)) < 0.13  # heldout_fraction 0.1 by hash
     assert held[:5] == PositiveVerseTask().prompts("heldout")[:5]
+
+
+def test_prompt_formats_contexts_and_scores() -> None:
+    from jobs.tasks.formats import BUILTIN, PromptFormat, load_formats, resolve_formats, token_f1
+
+    qa = BUILTIN["qa"]
+    assert qa.context(0, 0) == "Q: Who is the Prince of Denmark?\nA:"
+    # k-shot: the k examples after the query's own (cyclically), then the query; never its own answer
+    two = qa.context(5, 2)
+    assert two == "Q: Who is the Prince of Denmark?\nA: Hamlet\nQ: Who loves Juliet?\nA: Romeo\n" \
+                  "Q: Who is the wife of Macbeth?\nA:"
+    assert BUILTIN["translation"].context(1, 1) == "my love = mon amour\nthe king ="
+    assert BUILTIN["tldr"].context(0, 0).endswith("London.\nTL;DR:")
+    assert token_f1(" The Hamlet", "Hamlet") == 1.0 and token_f1("Lady Macbeth", " Macbeth") == pytest.approx(2 / 3)
+    assert token_f1("Romeo", "Juliet") == 0.0
+    with pytest.raises(TaskError, match="shots must be in"):
+        qa.context(0, 6)
+    with pytest.raises(TaskError, match="end with"):
+        PromptFormat("bad", "{target} {input}", (("a", "b"), ("c", "d")))
+    with pytest.raises(TaskError, match="unknown format"):
+        resolve_formats(["nope"])
+
+
+def test_user_prompt_formats_file(tmp_path: Path) -> None:
+    from jobs.tasks.formats import resolve_formats
+
+    f = tmp_path / "formats.json"
+    f.write_text(json.dumps([{"name": "opposite", "template": "{input} is the opposite of{target}",
+                              "separator": "\n", "examples": [["hot", " cold"], ["up", " down"]]}]))
+    (fmt,) = resolve_formats(["opposite"], str(f))
+    assert fmt.context(0, 1) == "up is the opposite of down\nhot is the opposite of"
