@@ -52,6 +52,9 @@ def bench(preset: str) -> tuple[float, float, float]:
 
 
 def main() -> None:
+    # One intra-op thread for both: on a shared 2-core box, OpenMP threads that spin-wait for a descheduled
+    # peer make every small op 10x slower and the ratio meaningless (see docs/BENCHMARKS.md).
+    torch.set_num_threads(1)
     rows = []
     with PeakRSS() as rss:
         for preset in ("tiny", "gpt2"):
@@ -60,7 +63,7 @@ def main() -> None:
             rows.append(f"| {preset} | {ours:,.0f} | {theirs:,.0f} | **{ratio:.2f}×** |")
     body = (
         f"Batch {BATCH}, prompt {PROMPT} tokens, {NEW} new tokens, top-k 50 sampling, KV cache in both, same "
-        f"weights; best of 3 after a warm-up. Goal ≥ 2× HF.\n\n"
+        f"weights, 1 torch thread each; best of 3 after a warm-up. Goal ≥ 2× HF.\n\n"
         "| model | raygpt tokens/s | transformers tokens/s | ratio |\n|---|---|---|---|\n" + "\n".join(rows)
         + f"\n\nPeak RSS of the benchmark process: {rss.peak_gib:.2f} GiB."
     )
