@@ -561,12 +561,11 @@ def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig,
     """DeepSpeed engine for `model` (a GPT, or any module with `.config`; pipeline only for GPT), restored from
     Ray's latest checkpoint of this run (after a failure) or from `resume_from`. Call on every rank."""
     import deepspeed
-    import deepspeed.ops
 
+    from cluster.deepspeed_engine import skip_cpu_jit_ops
     from models.schedules import warmup_cosine
 
-    # Only inference uses shm_comm; skipping its 92 s JIT build (ENVIRONMENT.md).
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    skip_cpu_jit_ops()
     # Adopt the process group Ray Train created (PipelineModule needs deepspeed.comm before initialize).
     deepspeed.init_distributed(dist_backend="nccl" if parallel.use_gpu else "gloo")
     model_cls, model_cfg = type(model), model.config
