@@ -261,7 +261,8 @@ def run(cfg: RMConfig) -> dict[str, Any]:
     val = given.get("heldout", ([], 0))[0]
     if not train:
         raise ConfigError(f"comparisons: no comparison of {train_file} fits data.max_tokens={cfg.data.max_tokens}")
-    summary.update(comparisons=str(train_file), heldout_comparisons=str(held_file) if held_file else None,
+    summary.update(comparisons=str(train_file.resolve()),
+                   heldout_comparisons=str(held_file.resolve()) if held_file else None,
                    train_prompts=len(train), dropped_too_long=dropped, heldout_prompts=len(val))
     t0 = time.perf_counter()
     loop_config = {"cfg": cfg, "train": train, "val": val, "norm": norm, "run_dir": str(run_dir),
