@@ -150,7 +150,7 @@ def test_embedded_shakespeare_prompts() -> None:
 
 
 def test_prompt_formats_contexts_and_scores() -> None:
-    from jobs.tasks.formats import BUILTIN, PromptFormat, load_formats, resolve_formats, token_f1
+    from jobs.tasks.formats import BUILTIN, PromptFormat, resolve_formats, token_f1
 
     qa = BUILTIN["qa"]
     assert qa.context(0, 0) == "Q: Who is the Prince of Denmark?\nA:"
