@@ -107,7 +107,12 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for f in dataclasses.fields(cls):
         if f.name in data:
             where = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _coerce(hints[f.name], data[f.name], where)
+            value = data[f.name]
+            if isinstance(value, dict) and dataclasses.is_dataclass(hints[f.name]):
+                # A section given partially (YAML or --set) overrides the field's own default instance,
+                # e.g. field(OptimConfig(lr=1e-3)) keeps lr=1e-3 when only max_steps is set.
+                value = _deep_merge(_section_default(f), value)
+            kwargs[f.name] = _coerce(hints[f.name], value, where)
     try:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field was not given
@@ -119,6 +124,23 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         except ConfigError as e:
             raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
     return obj
+
+
+def _section_default(f: dataclasses.Field) -> dict[str, Any]:
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        return {}
+    return dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
