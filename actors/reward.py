@@ -40,22 +40,23 @@ class RewardSpec:
             raise RewardError("reward.function: a user reward needs a tokenizer to decode responses")
 
 
-def import_function(path: str) -> RewardFunction:
-    """`"module:attr"` → the callable (the module must be importable on the workers). A class is instantiated
-    with no arguments (a verifier that loads something once); its `gold_scores` method is used if it has one (a
-    task's labeler, jobs/tasks), else the instance must be callable."""
+def import_function(path: str, field_name: str = "reward.function",
+                    error: type[ValueError] = RewardError) -> RewardFunction:
+    """`"module:callable"` → the callable (the module must be importable on the workers). A class is
+    instantiated with no arguments (a verifier that loads something once); its `gold_scores` method is used if it
+    has one (a task's labeler, jobs/tasks), else the instance must be callable. Errors name `field_name`."""
     module, _, attr = path.partition(":")
     if not module or not attr:
-        raise RewardError(f"reward.function: expected 'module:callable', got {path!r}")
+        raise error(f"{field_name}: expected 'module:callable', got {path!r}")
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise RewardError(f"reward.function: cannot import {path!r} ({e})") from None
+        raise error(f"{field_name}: cannot import {path!r} ({e})") from None
     if isinstance(fn, type):
-        obj = fn()
-        fn = getattr(obj, "gold_scores", obj)
+        fn = fn()
+    fn = getattr(fn, "gold_scores", fn)
     if not callable(fn):
-        raise RewardError(f"reward.function: {path!r} is not callable")
+        raise error(f"{field_name}: {path!r} is neither callable nor has gold_scores")
     return fn
 
 

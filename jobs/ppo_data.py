@@ -3,29 +3,17 @@ PPO-ptx pretraining stream. Everything is checked before any actor starts, with 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actors.reward import import_function
 from jobs.config import ConfigError
 from jobs.ppo_config import PPOJobConfig, abspath
 from models.checkpoint import CheckpointError, read_config
 
 GoldFn = Callable[[list[str], list[str]], Sequence[float]]
-
-
-def load_object(path: str, field_name: str) -> Any:
-    """`"module:attr"` → the attribute; a class is instantiated with no arguments (a task or a verifier)."""
-    module, _, attr = path.partition(":")
-    if not module or not attr:
-        raise ConfigError(f"{field_name}: expected 'module:attr', got {path!r}")
-    try:
-        obj = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{field_name}: cannot import {path!r} ({e})") from None
-    return obj() if isinstance(obj, type) else obj
 
 
 def load_task(cfg: PPOJobConfig) -> Any:
@@ -127,11 +115,9 @@ def gold_function(cfg: PPOJobConfig) -> GoldFn | None:
     """The gold labeler for metrics: the task's (VADER), a 'module:callable', or None."""
     if cfg.gold is None:
         return None
-    obj = load_task(cfg) if cfg.gold == "task" else load_object(cfg.gold, "gold")
-    fn = getattr(obj, "gold_scores", obj)
-    if not callable(fn):
-        raise ConfigError(f"gold: {cfg.gold!r} is neither callable nor has gold_scores")
-    return fn
+    if cfg.gold == "task":
+        return load_task(cfg).gold_scores
+    return import_function(cfg.gold, "gold", ConfigError)
 
 
 def ptx_dataset(cfg: PPOJobConfig, tok: Any) -> Any:
