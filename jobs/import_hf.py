@@ -8,7 +8,6 @@ Reads `config.json`, weights from `model.safetensors` (or `pytorch_model.bin`, l
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import torch
 from models.checkpoint import (
     CheckpointError,
     build_model,
-    config_from_hf,
     from_hf_state_dict,
+    read_config,
     save_checkpoint,
 )
 from models.tokenizer import Tokenizer, TokenizerError
@@ -51,15 +50,7 @@ def _load_tokenizer(src: Path) -> Tokenizer:
 
 def import_hf(src: str | Path, dst: str | Path) -> Path:
     src = Path(src)
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: not a directory (import-hf reads local directories only)")
-    cfg_file = src / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file}: missing")
-    try:
-        cfg, kind = config_from_hf(json.loads(cfg_file.read_text()), str(cfg_file))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    cfg, kind, _ = read_config(src)  # the same validation as our own checkpoints: names the file
     tok = _load_tokenizer(src)
     if tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(
