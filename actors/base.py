@@ -17,20 +17,8 @@ from torch import Tensor, nn
 
 from actors.rollout import Rollout
 from models.checkpoint import Kind, load_checkpoint
-from models.generation import SamplingParams, generate, token_logprobs
+from models.generation import SamplingParams, generate, tempered_logprobs
 from models.gpt import GPT
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How responses are sampled (shared by the policy, the rollout workers and the reference: log-probs are
-    taken under softmax(logits / temperature) everywhere, so ratios and KL compare like with like)."""
-
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    eos_id: int = 0
 
 
 def device() -> torch.device:
@@ -67,8 +55,7 @@ def response_logits(model: nn.Module, rollout: Rollout) -> Tensor:
 
 def response_logprobs(logits: Tensor, rollout: Rollout, temperature: float) -> Tensor:
     """(B, T) log softmax(logits / T)[a_t]; padding positions are zeroed."""
-    scaled = logits / temperature if temperature > 0 else logits
-    lp = token_logprobs(scaled, rollout.response_ids.to(logits.device))
+    lp = tempered_logprobs(logits, rollout.response_ids.to(logits.device), temperature)
     return torch.where(rollout.action_mask.to(lp.device).bool(), lp, torch.zeros_like(lp))
 
 
@@ -93,15 +80,13 @@ class WeightsMessage:
 
 
 def sample_rollout(model: GPT, prompts: Sequence[Sequence[int]], row_index: Sequence[int], seeds: Sequence[int],
-                   sampling: Sampling, version: int, checksum: str) -> Rollout:
+                   sampling: SamplingParams, eos_id: int, version: int, checksum: str) -> Rollout:
     """Sample one response per prompt with per-row seeds (a row's sample depends only on its seed and the weights,
     not on its batch-mates or shard) and record it as a Rollout."""
     if not (len(prompts) == len(row_index) == len(seeds)):
         raise ValueError(f"prompts/row_index/seeds: lengths {len(prompts)}/{len(row_index)}/{len(seeds)} differ")
-    params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                            top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=sampling.eos_id,
-                            seed=[int(s) for s in seeds])
-    gen = generate(model, [list(p) for p in prompts], params, pad_id=sampling.eos_id)
+    gen = generate(model, [list(p) for p in prompts], sampling, eos_id=eos_id, seeds=[int(s) for s in seeds],
+                   pad_id=eos_id)
     mask = gen.response_mask.long()
     return Rollout(
         prompt_ids=gen.sequences[:, :gen.prompt_len].long(),

@@ -21,7 +21,6 @@ import torch
 
 from actors.base import (
     RolloutMeta,
-    Sampling,
     WeightsMessage,
     derive_seed,
     device,
@@ -42,6 +41,7 @@ from cluster.deepspeed_engine import (
     save_engine,
 )
 from cluster.worker_group import DistributedWorker
+from models.generation import SamplingParams, tempered
 from models.losses import entropy_from_logits, lm_loss, policy_loss
 from models.masked import masked_mean
 
@@ -61,7 +61,8 @@ class PPOUpdateSpec:
 class PolicySpec:
     checkpoint: str  # SFT checkpoint directory (HF GPT-2 layout) the policy starts from
     engine: EngineSpec = field(default_factory=EngineSpec)
-    sampling: Sampling = field(default_factory=Sampling)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    eos_id: int = 0  # the token that ends a response
     update: PPOUpdateSpec = field(default_factory=PPOUpdateSpec)
 
 
@@ -130,7 +131,8 @@ class PolicyWorker(DistributedWorker):
         model = self.engine.module
         model.eval()
         checksum = weights_checksum(full_state_dict(self.engine))
-        rollout = sample_rollout(model, prompts, row_index, seeds, self.spec.sampling, self.version, checksum)
+        rollout = sample_rollout(model, prompts, row_index, seeds, self.spec.sampling, self.spec.eos_id, self.version,
+                                 checksum)
         self.fault_point()
         return meta_of(rollout), rollout
 
@@ -161,8 +163,8 @@ class PolicyWorker(DistributedWorker):
                 loss, m = policy_loss(logprobs, part.old_logprobs.to(dev), part.advantages.to(dev), mask,
                                       spec.clip_eps)
                 with torch.no_grad():
-                    scaled = logits / temperature if temperature > 0 else logits
-                    sums["entropy"] += float(masked_mean(entropy_from_logits(scaled.float()), mask))
+                    entropy = entropy_from_logits(tempered(logits.float(), temperature))
+                    sums["entropy"] += float(masked_mean(entropy, mask))
                 sums["pg_loss"] += float(loss.detach())
                 loss = loss * global_token_scale(mask)  # token mean over all ranks' minibatch rows, not per rank
                 if ptx is not None and spec.ptx_coef > 0:

@@ -15,7 +15,6 @@ import torch
 
 from actors.base import (
     RolloutMeta,
-    Sampling,
     WeightsMessage,
     device,
     disable_dropout,
@@ -26,13 +25,15 @@ from actors.base import (
 from actors.rollout import Rollout, RolloutError
 from cluster.worker_group import DistributedWorker
 from models.checkpoint import read_config
+from models.generation import SamplingParams
 from models.gpt import GPT
 
 
 @dataclass(frozen=True)
 class RolloutWorkerSpec:
     checkpoint: str  # the policy's initial checkpoint (architecture + version-0 weights)
-    sampling: Sampling
+    sampling: SamplingParams
+    eos_id: int  # the token that ends a response
 
 
 class RolloutWorker(DistributedWorker):
@@ -64,7 +65,7 @@ class RolloutWorker(DistributedWorker):
                  ) -> tuple[RolloutMeta, Rollout]:
         if self.version < 0:
             raise RolloutError("weight_version: the rollout worker has no weights yet (load_weights first)")
-        rollout = sample_rollout(self.model, prompts, row_index, seeds, self.spec.sampling, self.version,
-                                 self.checksum)
+        rollout = sample_rollout(self.model, prompts, row_index, seeds, self.spec.sampling, self.spec.eos_id,
+                                 self.version, self.checksum)
         self.fault_point()
         return meta_of(rollout), rollout

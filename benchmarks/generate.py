@@ -32,10 +32,10 @@ def bench(preset: str) -> tuple[float, float, float]:
     ours, hf = pair(cfg)
     prompts = torch.randint(1, cfg.vocab_size, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     # No EOS stop in either, so both generate exactly NEW tokens per row.
-    params = SamplingParams(max_new_tokens=NEW, temperature=1.0, top_k=50, seed=0)
+    params = SamplingParams(max_new_tokens=NEW, temperature=1.0, top_k=50)
 
     def run_ours() -> None:
-        out = generate(ours, prompts, params)
+        out = generate(ours, prompts, params, seeds=0)
         assert out.response_ids.shape == (BATCH, NEW)
 
     def run_hf() -> None:

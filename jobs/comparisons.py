@@ -24,27 +24,10 @@ from typing import Any
 from jobs.cli import job_main
 from jobs.config import ConfigError, field
 from jobs.tasks import Comparison, ComparisonsError, TaskConfig, build_task, write_comparisons
+from models.generation import SamplingParams
 
 SPLIT_SALT = {"train": 0, "heldout": 1}
 MAX_K = 9  # InstructGPT §3.4: labelers ranked between K = 4 and K = 9 responses
-
-
-@dataclass
-class SamplingSection:
-    """How responses are sampled (models/generation.py)."""
-
-    max_new_tokens: int = field(24, help="response length limit in tokens (generation stops earlier at EOS); "
-                                         "24 = the longest SFT demonstration, so ~90% of SFT samples end with EOS")
-    temperature: float = field(1.0, help="sampling temperature (0 = greedy)")
-    top_k: int = field(0, help="top-k filter (0 = off)")
-    top_p: float = field(1.0, help="nucleus filter (1 = off)")
-    batch_size: int = field(128, help="sequences generated together")
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ConfigError("max_new_tokens/batch_size: must be >= 1")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("temperature/top_k/top_p: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
 
 
 @dataclass
@@ -54,7 +37,9 @@ class GenerateSection:
     k: int = field(4, help=f"responses per prompt (2..{MAX_K}; InstructGPT used 4-9)")
     train_prompts: int = field(4096, help="train prompts to compare (0 = all of the task's train prompts)")
     heldout_prompts: int = field(256, help="held-out prompts to compare, for RM accuracy (0 = none)")
-    sampling: SamplingSection = field(SamplingSection(), help="sampling")
+    sampling: SamplingParams = field(SamplingParams(), help="sampling (max_new_tokens 24 = the longest SFT "
+                                                             "demonstration, so ~90% of SFT samples end with EOS)")
+    batch_size: int = field(128, help="sequences generated together")
     workers: int = field(2, help="Ray tasks generating in parallel (1 CPU each)")
     seed: int = field(0, help="sampling seed")
 
@@ -63,8 +48,8 @@ class GenerateSection:
             raise ConfigError(f"k: must be in 2..{MAX_K} (a ranking needs K >= 2 responses), got {self.k}")
         if self.train_prompts < 0 or self.heldout_prompts < 0:
             raise ConfigError("train_prompts/heldout_prompts: must be >= 0")
-        if self.workers < 1:
-            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+        if self.workers < 1 or self.batch_size < 1:
+            raise ConfigError(f"workers/batch_size: must be >= 1, got {self.workers}/{self.batch_size}")
 
 
 @dataclass
@@ -80,22 +65,20 @@ class ComparisonsConfig:
 
 
 # --- sampling (also used by jobs.sft and jobs.evaluate) ---------------------------------------------------------
-def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], sampling: SamplingSection,
-                     seeds: Sequence[int]) -> list[str]:
+def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], sampling: SamplingParams,
+                     seeds: Sequence[int], batch_size: int = 128) -> list[str]:
     """One sampled response (decoded text, without EOS) per prompt; `seeds[i]` seeds row i alone, so a response
     does not depend on its batch-mates."""
-    from models.generation import SamplingParams, generate
+    from models.generation import generate
 
     if len(seeds) != len(prompts):
         raise ValueError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts")
     model.eval()
     out: list[str] = []
-    for i in range(0, len(prompts), sampling.batch_size):
-        chunk = list(prompts[i:i + sampling.batch_size])
-        params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                                top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=tokenizer.eos_id,
-                                seed=[int(s) for s in seeds[i:i + len(chunk)]])
-        gen = generate(model, [tokenizer.encode(p) for p in chunk], params)
+    for i in range(0, len(prompts), batch_size):
+        chunk = list(prompts[i:i + batch_size])
+        gen = generate(model, [tokenizer.encode(p) for p in chunk], sampling, eos_id=tokenizer.eos_id,
+                       seeds=[int(s) for s in seeds[i:i + len(chunk)]])
         for row, mask in zip(gen.response_ids.tolist(), gen.response_mask.tolist()):
             ids = [t for t, m in zip(row, mask) if m]
             if ids and ids[-1] == tokenizer.eos_id:
@@ -125,7 +108,7 @@ def label_shard(policy: str, task_cfg: TaskConfig, prompts: Sequence[str], first
     k = gen.k
     flat = [p for p in prompts for _ in range(k)]
     seeds = [sample_seed(gen.seed, split, first_index + i, j, k) for i in range(len(prompts)) for j in range(k)]
-    responses = sample_responses(model, tokenizer, flat, gen.sampling, seeds)
+    responses = sample_responses(model, tokenizer, flat, gen.sampling, seeds, gen.batch_size)
     rows, dropped = [], 0
     for i, prompt in enumerate(prompts):
         resp = responses[i * k:(i + 1) * k]

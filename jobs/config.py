@@ -117,6 +117,8 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field was not given
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+    except ValueError as e:  # a dataclass that checks itself in __post_init__ (messages start with the field)
+        raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from jobs.cli import job_main
-from jobs.comparisons import SamplingSection, sample_responses, sample_seed
+from jobs.comparisons import sample_responses, sample_seed
 from jobs.config import ConfigError, field
 from jobs.tasks import Task, TaskConfig, TaskError, build_task, read_comparisons
+from models.generation import SamplingParams
 
 
 @dataclass
@@ -62,7 +63,8 @@ class EvalConfig:
     comparisons: str = field("", help="held-out comparisons for RM accuracy ('' = the RM's own held-out file)")
     task: TaskConfig = field(TaskConfig(), help="task: held-out prompts and labeler")
     prompts: int = field(256, help="held-out prompts (the first N of the task's held-out split)")
-    sampling: SamplingSection = field(SamplingSection(), help="sampling of the responses")
+    sampling: SamplingParams = field(SamplingParams(), help="sampling of the responses")
+    batch_size: int = field(128, help="sequences generated together")
     seed: int = field(0, help="sampling seed (the same prompts and seeds for every model)")
     perplexity: PerplexitySection = field(PerplexitySection(), help="held-out perplexity")
     formats: FormatsSection = field(FormatsSection(), help="prompt formats")
@@ -84,14 +86,14 @@ def load_lm(path: str | Path) -> tuple[Any, Any]:
     return load_checkpoint(path, kind="lm"), Tokenizer.from_file(tokenizer_path(path))
 
 
-def heldout_responses(model: Any, tokenizer: Any, prompts: Sequence[str], sampling: SamplingSection, seed: int
-                      ) -> list[str]:
+def heldout_responses(model: Any, tokenizer: Any, prompts: Sequence[str], sampling: SamplingParams, seed: int,
+                      batch_size: int = 128) -> list[str]:
     """One response per held-out prompt; prompt i always gets the same seed, whichever model samples."""
     seeds = [sample_seed(seed, "heldout", i, 0, 1) for i in range(len(prompts))]
-    return sample_responses(model, tokenizer, prompts, sampling, seeds)
+    return sample_responses(model, tokenizer, prompts, sampling, seeds, batch_size)
 
 
-def gold_of_checkpoint(path: str | Path, task: Task, prompts: Sequence[str], sampling: SamplingSection,
+def gold_of_checkpoint(path: str | Path, task: Task, prompts: Sequence[str], sampling: SamplingParams,
                        seed: int = 0) -> tuple[float, list[str], list[float]]:
     """(mean gold score, responses, scores) of a checkpoint's samples on `prompts`."""
     model, tokenizer = load_lm(path)
@@ -227,7 +229,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     proxy: dict[str, list[float]] = {}
     for label, path in cfg.models.items():
         model, tokenizer = load_lm(path)
-        responses = heldout_responses(model, tokenizer, prompts, cfg.sampling, cfg.seed)
+        responses = heldout_responses(model, tokenizer, prompts, cfg.sampling, cfg.seed, cfg.batch_size)
         samples[label] = responses
         metrics[f"{label}/response_chars"] = sum(map(len, responses)) / len(responses)
         if task.has_labeler:

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_checkpoint(args.checkpoint, kind="lm").eval()
         tok = Tokenizer.from_file(tokenizer_path(args.checkpoint))
         params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, eos_token_id=tok.eos_id, seed=args.seed)
+                                top_p=args.top_p)
     except (CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     encoded = [tok.encode(p) or [tok.eos_id] for p in prompts for _ in range(args.num_samples)]
     try:
         with torch.no_grad():
-            out = generate(model, encoded, params)
+            out = generate(model, encoded, params, eos_id=tok.eos_id, seeds=args.seed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

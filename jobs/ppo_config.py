@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from actors.base import Sampling
 from actors.policy import PolicySpec, PPOUpdateSpec
 from actors.reference import ReferenceSpec
 from actors.reward import RewardSpec
@@ -17,16 +16,7 @@ from cluster.deepspeed_engine import EngineSpec
 from cluster.placement import PlacementConfig, PlacementError, PlacementSpec
 from jobs.config import ConfigError, field
 from jobs.tasks import TaskConfig
-
-
-@dataclass
-class SamplingConfig:
-    """How responses are sampled (log-probs are taken under the same temperature everywhere)."""
-
-    max_new_tokens: int = field(24, help="response length cap (tokens); a response also ends at EOS")
-    temperature: float = field(1.0, help="sampling temperature (> 0: PPO needs a stochastic policy)")
-    top_k: int = field(0, help="sample from the k most likely tokens (0 = off)")
-    top_p: float = field(1.0, help="nucleus sampling mass (1 = off)")
+from models.generation import SamplingParams
 
 
 @dataclass
@@ -110,7 +100,8 @@ class PPOJobConfig:
     tokenizer: str | None = field(None, help="tokenizer.json (default: the policy checkpoint's)")
     gold: str | None = field("task", help="gold labeler for metrics: 'task' (VADER), 'module:callable', or null")
     task: TaskConfig = field(TaskConfig(), help="the task: prompts and gold labeler (same section as sft/rm)")
-    sampling: SamplingConfig = field(SamplingConfig(), help="sampling")
+    sampling: SamplingParams = field(SamplingParams(), help="sampling (temperature > 0: PPO needs a stochastic "
+                                                             "policy; log-probs use the same temperature everywhere)")
     kl: KLConfig = field(KLConfig(), help="KL penalty and controller")
     ppo: PPOConfig = field(PPOConfig(), help="PPO update")
     ptx: PtxConfig = field(PtxConfig(), help="pretraining mix")
@@ -203,9 +194,7 @@ class RoleSpecs:
 
 
 def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: int, n_value: int) -> RoleSpecs:
-    s = cfg.sampling
-    sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                        eos_id=eos_id)
+    s = sampling = cfg.sampling
     p = cfg.ppo
     engine = dict(weight_decay=p.weight_decay, zero_stage=p.zero_stage, grad_clip=p.grad_clip, precision=p.precision)
     policy_engine = EngineSpec(lr=p.policy_lr, micro_batch_size=p.minibatch_size // n_policy, **engine)
@@ -213,7 +202,7 @@ def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: in
     policy_dir = abspath(cfg.policy) or ""
     value_init = abspath(cfg.value_init or cfg.reward_model or cfg.policy) or ""
     return RoleSpecs(
-        policy=PolicySpec(policy_dir, policy_engine, sampling,
+        policy=PolicySpec(policy_dir, policy_engine, sampling, eos_id,
                           PPOUpdateSpec(epochs=p.epochs, minibatch_size=p.minibatch_size // n_policy, clip_eps=p.clip,
                                         ptx_coef=cfg.ptx.coef, seed=cfg.seed)),
         reference=ReferenceSpec(policy_dir, temperature=s.temperature),
@@ -221,7 +210,7 @@ def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: in
                           tokenizer=tokenizer_path if cfg.reward_function else None),
         value=ValueSpec(value_init, value_engine, epochs=p.epochs, minibatch_size=p.minibatch_size // n_value,
                         clip_eps=p.value_clip, seed=cfg.seed),
-        rollout=RolloutWorkerSpec(policy_dir, sampling),
+        rollout=RolloutWorkerSpec(policy_dir, sampling, eos_id),
     )
 
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from actors.base import (
-    Sampling,
     WeightsMessage,
     derive_seed,
     load_model,
@@ -51,14 +50,12 @@ def export_policy(message: WeightsMessage, cfg: PPOJobConfig, path: Path, tokeni
 def heldout_eval(cfg: PPOJobConfig, tok: Any, ppo_dir: Path, sft_dir: str, gold: GoldFn | None) -> dict[str, Any]:
     source = cfg.prompts.eval_source or cfg.prompts.source
     prompts = PromptSet.load(cfg, tok, cfg.prompts.eval_split, source=source, limit=cfg.prompts.eval_size)
-    s = cfg.sampling
-    sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                        eos_id=tok.eos_id)
+    s = sampling = cfg.sampling
     rows = list(range(len(prompts)))
     seeds = [derive_seed(cfg.seed, EVAL_SALT, r) for r in rows]
     ppo, sft = load_model(str(ppo_dir), "lm").eval(), load_model(sft_dir, "lm").eval()
-    out_ppo = _sample(ppo, prompts.ids, rows, seeds, sampling, 0, "")
-    out_sft = _sample(sft, prompts.ids, rows, seeds, sampling, 0, "")
+    out_ppo = _sample(ppo, prompts.ids, rows, seeds, sampling, tok.eos_id, 0, "")
+    out_sft = _sample(sft, prompts.ids, rows, seeds, sampling, tok.eos_id, 0, "")
     kl = (response_logprobs(response_logits(ppo, out_ppo), out_ppo, s.temperature)
           - response_logprobs(response_logits(sft, out_ppo), out_ppo, s.temperature)).sum(1)
     result: dict[str, Any] = {"prompts": len(prompts), "split": cfg.prompts.eval_split,

@@ -24,7 +24,7 @@ import torch
 
 from jobs.serve_api import ChoiceDelta, Job, RequestError
 from models.checkpoint import load_checkpoint, tokenizer_path
-from models.generation import SamplingParams, left_pad, stream
+from models.generation import SamplingParams, left_pad, stream, tempered
 from models.gpt import GPT
 from models.tokenizer import Tokenizer
 
@@ -187,12 +187,11 @@ class Engine:
     def _decode(self, rows: list[_Row]) -> Iterator[bool]:
         """Advance `rows` one token per `next()`; stops once every row has finished."""
         spec = rows[0].spec
-        params = SamplingParams(
-            max_new_tokens=max(r.spec.max_tokens for r in rows), temperature=spec.temperature,
-            top_p=spec.top_p if spec.temperature > 0 else 1.0, eos_token_id=self.eos, seed=[r.seed for r in rows],
-        )
+        params = SamplingParams(max_new_tokens=max(r.spec.max_tokens for r in rows), temperature=spec.temperature,
+                                top_p=spec.top_p if spec.temperature > 0 else 1.0)
         ids, mask = left_pad([r.prompt for r in rows], self.eos)
-        for tokens, logprobs, _active in stream(self.model, ids, mask, params):
+        for tokens, logprobs, _active in stream(self.model, ids, mask, params, eos_id=self.eos,
+                                                seeds=[r.seed for r in rows]):
             for r, t, lp in zip(rows, tokens.tolist(), logprobs.tolist()):
                 if r.finish is None:
                     r.push(int(t), float(lp), self.eos, self.tok)
@@ -223,7 +222,7 @@ class Engine:
             return [{} for _ in completion]
         ids = torch.tensor([prompt + completion[:-1]], device=self.model.lm_head.weight.device)
         logits = self.model(ids)[0, len(prompt) - 1:].float()
-        logp = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
+        logp = torch.log_softmax(tempered(logits, temperature), -1)
         vals, idx = logp.topk(min(k, logp.size(-1)), -1)
         return [{self.token_str(t): v for v, t in zip(vr.tolist(), ir.tolist()) if math.isfinite(v)}
                 for vr, ir in zip(vals, idx)]

@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 
 from jobs.cli import job_main
-from jobs.comparisons import SamplingSection, check_policy
+from jobs.comparisons import check_policy
 from jobs.config import ConfigError, field
 from jobs.engine import CheckpointConfig, FailureConfig, OptimConfig, ParallelConfig, launch
 from jobs.tasks import TaskConfig, build_task
 from jobs.tasks.base import stable_unit
+from models.generation import SamplingParams
 
 Example = tuple[list[int], list[int]]  # (prompt ids, response ids ending with EOS)
 
@@ -59,7 +60,7 @@ class SFTEvalSection:
     """Gold score of samples on held-out prompts, before and after fine-tuning (driver, after training)."""
 
     prompts: int = field(128, help="held-out prompts sampled for the gold score (0 = skip)")
-    sampling: SamplingSection = field(SamplingSection(), help="sampling")
+    sampling: SamplingParams = field(SamplingParams(), help="sampling")
     every_n_steps: int = field(50, help="validation loss every N steps (and at the end)")
 
 

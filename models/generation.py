@@ -1,15 +1,21 @@
 """Batched sampling with a pre-allocated KV cache: greedy, temperature, top-k, top-p, EOS stop, left padding,
 per-row seeds (a row's sample does not depend on what else is in the batch), per-token log-probs for PPO.
 
-Log-probs are those of the *temperature-scaled, unfiltered* distribution, log softmax(logits / T)[token]
-(top-k/top-p only restrict what is sampled). This is the distribution PPO's policy ratio is taken under, as
+`SamplingParams` is the one sampling-parameters type of the project: job configs embed it as their `sampling`
+section, the RLHF actors, evaluation and the server pass it here. Which token ends a row (`eos_id`) and the
+per-row seeds are arguments of the call, not parameters of the distribution.
+
+Log-probs are those of the *temperature-scaled, unfiltered* distribution, log softmax(`tempered(logits, T)`)
+[token] (top-k/top-p only restrict what is sampled). This is the distribution PPO's policy ratio is taken under, as
 in TRL/OpenRLHF, so old log-probs and the PPO update agree. Greedy (temperature 0) reports log softmax(logits).
+`tempered` is the one place the temperature rule lives: the sampler, the policy update, the reference, serving and
+evaluation all call it (a ratio is only right while they agree).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +26,13 @@ from models.gpt import GPT
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 32
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    eos_token_id: int | None = None  # stop a row once it emits this token
-    seed: int | Sequence[int] | None = None  # one seed for the batch (row i uses seed+i) or one per row
+    """How responses are sampled. Field help doubles as the `sampling` section's `--help` of every job."""
+
+    max_new_tokens: int = field(default=24, metadata={"help": "response length cap in tokens (a response also "
+                                                               "ends at EOS)"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature (0 = greedy)"})
+    top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens (0 = off)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1 = off)"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -36,6 +43,19 @@ class SamplingParams:
             raise ValueError(f"top_k: must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
+
+
+Seeds = int | Sequence[int] | None  # one seed for the batch (row i uses seed + i), one per row, or None
+
+
+def tempered(logits: Tensor, temperature: float) -> Tensor:
+    """logits / T for T > 0; greedy (T = 0) keeps the logits as they are. The one temperature rule."""
+    return logits / temperature if temperature > 0 else logits
+
+
+def tempered_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+    """log softmax(tempered(logits, T))[tokens]: logits (..., V), tokens (...) → (...), fp32."""
+    return token_logprobs(tempered(logits, temperature), tokens)
 
 
 @dataclass
@@ -67,7 +87,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Ten
 
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log softmax(logits)[targets]: logits (B, T, V), targets (B, T) → (B, T). Computed in fp32."""
+    """log softmax(logits)[targets]: logits (..., V), targets (...) → (...). Computed in fp32."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
@@ -89,7 +109,7 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def _generators(seed: int | Sequence[int] | None, batch: int) -> list[torch.Generator] | None:
+def _generators(seed: Seeds, batch: int) -> list[torch.Generator] | None:
     if seed is None:
         return None
     seeds = [seed + i for i in range(batch)] if isinstance(seed, int) else list(seed)
@@ -104,7 +124,7 @@ def sample_next(logits: Tensor, params: SamplingParams, gens: list[torch.Generat
     if params.temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    scaled = logits / params.temperature
+    scaled = tempered(logits, params.temperature)
     probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
     if gens is None:
         tokens = torch.multinomial(probs, 1).squeeze(-1)
@@ -115,8 +135,8 @@ def sample_next(logits: Tensor, params: SamplingParams, gens: list[torch.Generat
 
 
 @torch.no_grad()
-def stream(model: GPT, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams
-           ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+def stream(model: GPT, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams, *,
+           eos_id: int | None = None, seeds: Seeds = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Yield (tokens (B,), logprobs (B,), active (B,) bool) once per decoding step.
 
     `active[i]` is False for rows that had already finished before this step (their token is padding).
@@ -131,20 +151,20 @@ def stream(model: GPT, input_ids: Tensor, attention_mask: Tensor, params: Sampli
             f"max_new_tokens: prompt ({P}) + max_new_tokens ({params.max_new_tokens}) exceeds n_ctx={n_ctx}"
         )
     device = model.lm_head.weight.device
-    gens = _generators(params.seed, B)
+    gens = _generators(seeds, B)
     cache = model.new_cache(B, P + params.max_new_tokens)
     mask = torch.zeros((B, P + params.max_new_tokens), dtype=torch.long, device=device)
     mask[:, :P] = attention_mask.to(device)
     logits = model(input_ids.to(device), mask[:, :P], cache=cache)[:, -1]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    pad = params.eos_token_id if params.eos_token_id is not None else 0
+    pad = eos_id if eos_id is not None else 0
     for t in range(params.max_new_tokens):
         tokens, logprobs = sample_next(logits, params, gens)
         active = ~finished
         tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
         yield tokens, torch.where(active, logprobs, torch.zeros_like(logprobs)), active
-        if params.eos_token_id is not None:
-            finished = finished | (tokens == params.eos_token_id)
+        if eos_id is not None:
+            finished = finished | (tokens == eos_id)
         if bool(finished.all()) or t == params.max_new_tokens - 1:
             return
         mask[:, P + t] = active.long()
@@ -152,16 +172,18 @@ def stream(model: GPT, input_ids: Tensor, attention_mask: Tensor, params: Sampli
 
 
 @torch.no_grad()
-def generate(model: GPT, prompts: Sequence[Sequence[int]] | Tensor, params: SamplingParams,
-             attention_mask: Tensor | None = None, pad_id: int | None = None) -> Generation:
-    """Sample continuations for a batch of prompts (token lists, or already left-padded ids + mask)."""
-    pad = pad_id if pad_id is not None else (params.eos_token_id or 0)
+def generate(model: GPT, prompts: Sequence[Sequence[int]] | Tensor, params: SamplingParams, *,
+             eos_id: int | None = None, seeds: Seeds = None, attention_mask: Tensor | None = None,
+             pad_id: int | None = None) -> Generation:
+    """Sample continuations for a batch of prompts (token lists, or already left-padded ids + mask). Rows stop
+    at `eos_id` (None: run max_new_tokens); `seeds` make each row's draws its own (see `Seeds`)."""
+    pad = pad_id if pad_id is not None else (eos_id or 0)
     if isinstance(prompts, Tensor):
         ids = prompts
         mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
     else:
         ids, mask = left_pad(prompts, pad)
-    steps = list(stream(model, ids, mask, params))
+    steps = list(stream(model, ids, mask, params, eos_id=eos_id, seeds=seeds))
     response = torch.stack([s[0] for s in steps], 1).cpu()
     logprobs = torch.stack([s[1] for s in steps], 1).cpu()
     response_mask = torch.stack([s[2] for s in steps], 1).long().cpu()

@@ -156,8 +156,8 @@ def evaluate_format(model: Any, tokenizer: Any, fmt: PromptFormat, shots: int, m
             seq = torch.tensor([ctx_ids + tgt_ids])
             logps.append(float(token_logprobs(model(seq[:, :-1]), seq[:, 1:])[0, len(ctx_ids) - 1:].mean()))
     # one batched greedy pass for all examples (left-padded; rows do not interact)
-    gen = generate(model, contexts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                                                   eos_token_id=tokenizer.eos_id))
+    gen = generate(model, contexts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
+                   eos_id=tokenizer.eos_id)
     ems, f1s = [], []
     for row, mask, target in zip(gen.response_ids.tolist(), gen.response_mask.tolist(),
                                  (t for _, t in fmt.examples)):

@@ -114,7 +114,7 @@ def reference(path: Path, prompt: str, seed: int, max_tokens: int, temperature: 
     """What the server must answer for one choice: unbatched generate(), cut at EOS and at the first stop."""
     model, tok = _loaded(path)
     g = generate(model, [tok.encode(prompt)], SamplingParams(
-        max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, eos_token_id=tok.eos_id, seed=[seed]))
+        max_new_tokens=max_tokens, temperature=temperature, top_p=top_p), eos_id=tok.eos_id, seeds=[seed])
     ids = g.response_ids[0][g.response_mask[0].bool()].tolist()
     lps = g.logprobs[0][: len(ids)].tolist()
     if ids and ids[-1] == tok.eos_id:

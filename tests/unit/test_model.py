@@ -100,8 +100,8 @@ def test_left_padding_matches_unpadded() -> None:
     model = GPT(CFG).eval()
     a = [5, 6, 7, 8, 9, 10]
     b = [11, 12]
-    batched = generate(model, [a, b], SamplingParams(max_new_tokens=8, temperature=0.9, seed=[1, 2]))
-    alone_b = generate(model, [b], SamplingParams(max_new_tokens=8, temperature=0.9, seed=[2]))
+    batched = generate(model, [a, b], SamplingParams(max_new_tokens=8, temperature=0.9), seeds=[1, 2])
+    alone_b = generate(model, [b], SamplingParams(max_new_tokens=8, temperature=0.9), seeds=[2])
     assert batched.response_ids[1].tolist() == alone_b.response_ids[0].tolist()
     torch.testing.assert_close(batched.logprobs[1], alone_b.logprobs[0], atol=1e-5, rtol=1e-5)
 
@@ -109,7 +109,7 @@ def test_left_padding_matches_unpadded() -> None:
 def test_sampled_logprobs_equal_recomputed() -> None:
     torch.manual_seed(0)
     model = GPT(CFG).eval()
-    out = generate(model, [[1, 2, 3], [4]], SamplingParams(max_new_tokens=10, temperature=0.7, seed=0))
+    out = generate(model, [[1, 2, 3], [4]], SamplingParams(max_new_tokens=10, temperature=0.7), seeds=0)
     with torch.no_grad():
         logits = model(out.sequences, out.attention_mask)[:, out.prompt_len - 1:-1] / 0.7
     ref = torch.log_softmax(logits, -1).gather(-1, out.response_ids[..., None]).squeeze(-1)
@@ -121,7 +121,8 @@ def test_eos_stops_rows_and_masks_the_rest() -> None:
     model = GPT(CFG).eval()
     with torch.no_grad():
         model.lm_head.weight[CFG.eos_token_id] += 5.0  # make EOS likely
-    out = generate(model, [[1, 2], [3, 4]], SamplingParams(max_new_tokens=20, eos_token_id=CFG.eos_token_id, seed=0))
+    out = generate(model, [[1, 2], [3, 4]], SamplingParams(max_new_tokens=20), eos_id=CFG.eos_token_id,
+                   seeds=0)
     for row, mask in zip(out.response_ids.tolist(), out.response_mask.tolist()):
         if CFG.eos_token_id in row:
             end = row.index(CFG.eos_token_id)
@@ -131,9 +132,9 @@ def test_eos_stops_rows_and_masks_the_rest() -> None:
 def test_same_seed_same_sample_different_seed_differs() -> None:
     torch.manual_seed(0)
     model = GPT(CFG).eval()
-    p = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=7)
-    a, b = generate(model, [[1, 2, 3]], p), generate(model, [[1, 2, 3]], p)
-    c = generate(model, [[1, 2, 3]], SamplingParams(max_new_tokens=12, seed=8))
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9)
+    a, b = generate(model, [[1, 2, 3]], p, seeds=7), generate(model, [[1, 2, 3]], p, seeds=7)
+    c = generate(model, [[1, 2, 3]], SamplingParams(max_new_tokens=12), seeds=8)
     assert a.response_ids.tolist() == b.response_ids.tolist() != c.response_ids.tolist()
 
 

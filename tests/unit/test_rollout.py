@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from actors.base import Sampling, sample_rollout, weights_checksum
+from actors.base import sample_rollout, weights_checksum
 from actors.policy import WeightsInfo
 from actors.reward import decode_rollout
 from actors.rollout import Rollout, RolloutError, finalize
 from jobs.ppo_runtime import StaleWeightsError, check_weights, prompt_order
 from models.config import GPTConfig
+from models.generation import SamplingParams
 from models.gpt import GPT
 
 
@@ -156,10 +157,10 @@ def test_a_shard_samples_the_same_rows_as_the_whole_batch() -> None:
     model = nano_model()
     prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10], [11, 12], [13]]
     seeds = [100 + i for i in range(6)]
-    s = Sampling(max_new_tokens=6, temperature=1.0, eos_id=0)
-    whole = sample_rollout(model, prompts, list(range(6)), seeds, s, 0, "x")
-    parts = [sample_rollout(model, prompts[a:b], list(range(a, b)), seeds[a:b], s, 0, "x") for a, b in [(0, 2),
-                                                                                                        (2, 6)]]
+    s = SamplingParams(max_new_tokens=6, temperature=1.0)
+    whole = sample_rollout(model, prompts, list(range(6)), seeds, s, 0, 0, "x")
+    parts = [sample_rollout(model, prompts[a:b], list(range(a, b)), seeds[a:b], s, 0, 0, "x")
+             for a, b in [(0, 2), (2, 6)]]
     joined = Rollout.concat(parts)
     t = min(whole.response_ids.shape[1], joined.response_ids.shape[1])
     assert torch.equal(whole.response_ids[:, :t], joined.response_ids[:, :t])
@@ -210,7 +211,7 @@ def test_rollout_worker_refuses_missing_and_corrupted_weights(tmp_path) -> None:
 
     model = nano_model(1)
     save_checkpoint(model, tmp_path / "sft", kind="lm")
-    worker = RolloutWorker(RolloutWorkerSpec(str(tmp_path / "sft"), Sampling(max_new_tokens=3, eos_id=0)))
+    worker = RolloutWorker(RolloutWorkerSpec(str(tmp_path / "sft"), SamplingParams(max_new_tokens=3), eos_id=0))
     with pytest.raises(RolloutError, match="no weights yet"):
         worker.generate([[1, 2]], [0], [5])
     state = {k: v.numpy().copy() for k, v in model.state_dict().items()}
@@ -236,7 +237,7 @@ def test_sampling_logprobs_equal_the_training_forward(temperature: float) -> Non
     model = nano_model(2)
     prompts = [[5 + i] * (1 + i % 4) for i in range(8)]
     r = sample_rollout(model, prompts, list(range(8)), list(range(8)),
-                       Sampling(max_new_tokens=10, temperature=temperature, eos_id=0), 0, "")
+                       SamplingParams(max_new_tokens=10, temperature=temperature), 0, 0, "")
     with torch.no_grad():
         again = response_logprobs(response_logits(model, r), r, temperature)
     assert_close(again, r.old_logprobs, atol=1e-5, rtol=0)

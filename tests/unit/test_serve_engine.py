@@ -43,7 +43,7 @@ def reference(engine: Engine, prompt: str | list[int], seed: int, job: Job
               ) -> tuple[str, list[int], list[float], str]:
     ids = engine.tok.encode(prompt) if isinstance(prompt, str) else prompt
     g = generate(engine.model, [ids], SamplingParams(max_new_tokens=job.max_tokens, temperature=job.temperature,
-                                                     top_p=job.top_p, eos_token_id=engine.eos, seed=[seed]))
+                                                     top_p=job.top_p), eos_id=engine.eos, seeds=[seed])
     out = g.response_ids[0][g.response_mask[0].bool()].tolist()
     lps = g.logprobs[0][: len(out)].tolist()
     eos = bool(out) and out[-1] == engine.eos

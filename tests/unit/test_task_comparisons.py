@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.comparisons import GenerateSection, SamplingSection, label_shard
+from jobs.comparisons import GenerateSection, label_shard
 from jobs.config import ConfigError, from_dict
 from jobs.tasks import Comparison, ComparisonsError, TaskConfig, read_comparisons, write_comparisons
+from models.generation import SamplingParams
 
 GOOD = {"prompt": "My heart", "responses": [" is glad", " is sad", " is here"], "ranking": [0, 2, 1]}
 
@@ -113,7 +114,7 @@ def _corpus(tmp: Path) -> str:
 
 def test_label_shard_ranks_by_labeler_and_ignores_sharding(tmp_path: Path, nano_checkpoint: Path) -> None:
     task = from_dict(TaskConfig, {"corpus": _corpus(tmp_path), "validation_fraction": 0.25, "heldout_fraction": 0.5})
-    gen = from_dict(GenerateSection, {"k": 3, "sampling": {"max_new_tokens": 6, "batch_size": 4}})
+    gen = from_dict(GenerateSection, {"k": 3, "sampling": {"max_new_tokens": 6}, "batch_size": 4})
     prompts = ["My gentle friend", "Then the bitter", "And sweet love", "And all was"]
     whole, dropped = label_shard(str(nano_checkpoint), task, prompts, 0, "train", gen)
     assert len(whole) + dropped == 4 and whole
@@ -135,9 +136,9 @@ def test_sample_responses_uses_one_seed_per_row(nano_checkpoint: Path) -> None:
 
     model = load_checkpoint(nano_checkpoint, kind="lm")
     tok = Tokenizer.from_file(tokenizer_path(nano_checkpoint))
-    s = SamplingSection(max_new_tokens=8, batch_size=2)
-    a = sample_responses(model, tok, ["The sweet", "A sad", "The love"], s, [5, 6, 7])
-    b = sample_responses(model, tok, ["The love", "The sweet"], s, [7, 5])
+    s = SamplingParams(max_new_tokens=8)
+    a = sample_responses(model, tok, ["The sweet", "A sad", "The love"], s, [5, 6, 7], batch_size=2)
+    b = sample_responses(model, tok, ["The love", "The sweet"], s, [7, 5], batch_size=2)
     assert a[0] == b[1] and a[2] == b[0]
 
 
