@@ -14,7 +14,14 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint, tokenizer_path
+from models.checkpoint import (
+    CheckpointError,
+    check_exportable,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+    tokenizer_path,
+)
 from models.tokenizer import EOS_TOKEN
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -22,6 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def export(src: str | Path, dst: str | Path, dtype: str = "float32") -> Path:
     cfg, kind, _ = read_config(src)
+    check_exportable(cfg)  # e.g. GPT-3 banded layers: transformers would silently run them dense
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
     model = load_checkpoint(src, kind=kind).to(DTYPES[dtype])

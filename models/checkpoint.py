@@ -6,6 +6,9 @@
 
 A language model loads in `transformers` as `GPT2LMHeadModel`; a reward or value model (kind "reward"/"value")
 as `GPT2ForSequenceClassification` with num_labels=1 and its head named `score`. Weights are never pickled.
+A GPT-1 (post-LN, no final LayerNorm) is written as an `OpenAIGPTLMHeadModel` directory instead: config.json
+model_type "openai-gpt", `tokens_embed`/`positions_embed` for our `wte`/`wpe`, the same block names.
+`check_exportable` refuses what no transformers class computes the same way (GPT-3's banded layers).
 Writes go to a temporary sibling directory that is renamed into place, so a crash never leaves a half-written
 checkpoint under the final name.
 """
@@ -39,9 +42,67 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, corrupt or inconsistent; the message names the file."""
 
 
+# Our GPT names ↔ OpenAIGPTModel's (the blocks' names are the same as GPT-2's).
+_OPENAI_NAMES = {"transformer.wte.": "transformer.tokens_embed.", "transformer.wpe.": "transformer.positions_embed."}
+
+
+def is_gpt1(cfg: GPTConfig) -> bool:
+    """GPT-1's layout (post-LN blocks, no final LayerNorm) → the "openai-gpt" format."""
+    return cfg.ln_placement == "post"
+
+
+def check_exportable(cfg: GPTConfig) -> None:
+    """Raise CheckpointError unless a plain transformers class computes exactly what `cfg` computes.
+
+    transformers' GPT2/OpenAIGPT models have no locally banded attention: a GPT-3 alternating model exported
+    there would silently run dense, with different numbers. Mixed layouts (post-LN with a final LayerNorm, or
+    pre-LN without one) match neither GPT2LMHeadModel nor OpenAIGPTLMHeadModel."""
+    if cfg.attention != "dense":
+        raise CheckpointError(
+            f"config.json: attention={cfg.attention!r} (GPT-3 banded layers, local_window={cfg.local_window}) cannot "
+            "be exported to the Hugging Face GPT-2 format: transformers would run every layer dense and compute "
+            "different logits. Keep the raygpt checkpoint (load_checkpoint honours the pattern) or train with "
+            "attention=dense to export.")
+    if (cfg.ln_placement == "post") == cfg.final_ln:
+        raise CheckpointError(
+            f"config.json: ln_placement={cfg.ln_placement!r} with final_ln={cfg.final_ln} is neither GPT-2 (pre, "
+            "final LayerNorm) nor GPT-1 (post, none); no transformers class computes it")
+    if is_gpt1(cfg) and (cfg.inner_dim != 4 * cfg.n_embd or not cfg.tie_embeddings):
+        raise CheckpointError("config.json: OpenAIGPT has a 4·n_embd MLP and a tied LM head; this GPT-1 has "
+                              f"n_inner={cfg.n_inner}, tie_embeddings={cfg.tie_embeddings}")
+
+
+def _openai_gpt_config(cfg: GPTConfig, kind: Kind) -> dict[str, Any]:
+    """OpenAIGPTConfig-compatible dict. afn "gelu" is HF's `gelu_new` (tanh approximation), like our MLP."""
+    return {
+        "model_type": "openai-gpt",
+        "architectures": ["OpenAIGPTLMHeadModel"] if kind == "lm" else ["OpenAIGPTForSequenceClassification"],
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.n_ctx, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head, "afn": "gelu", "resid_pdrop": cfg.resid_pdrop, "embd_pdrop": cfg.embd_pdrop,
+        "attn_pdrop": cfg.attn_pdrop, "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "initializer_range": cfg.initializer_range, "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.eos_token_id,
+        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
+    }
+
+
 def hf_config(cfg: GPTConfig, kind: Kind) -> dict[str, Any]:
-    """GPT2Config-compatible dict for `cfg`."""
-    out: dict[str, Any] = {
+    """GPT2Config-compatible dict for `cfg` (OpenAIGPTConfig-compatible for a GPT-1 layout)."""
+    if is_gpt1(cfg):
+        out = _openai_gpt_config(cfg, kind)
+    else:
+        out = _gpt2_config(cfg, kind)
+    out["raygpt"] = {"kind": kind, "attention": cfg.attention, "local_window": cfg.local_window,
+                     "ln_placement": cfg.ln_placement, "final_ln": cfg.final_ln, "n_inner": cfg.n_inner}
+    if kind != "lm":
+        out["num_labels"] = 1
+        out["id2label"] = {"0": "LABEL_0"}
+        out["label2id"] = {"LABEL_0": 0}
+    return out
+
+
+def _gpt2_config(cfg: GPTConfig, kind: Kind) -> dict[str, Any]:
+    return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"] if kind == "lm" else ["GPT2ForSequenceClassification"],
         "vocab_size": cfg.vocab_size,
@@ -63,34 +124,38 @@ def hf_config(cfg: GPTConfig, kind: Kind) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_embeddings,
         "scale_attn_weights": True,
         "torch_dtype": "float32",
-        "raygpt": {"kind": kind, "attention": cfg.attention, "local_window": cfg.local_window},
     }
-    if kind != "lm":
-        out["num_labels"] = 1
-        out["id2label"] = {"0": "LABEL_0"}
-        out["label2id"] = {"LABEL_0": 0}
-    return out
 
 
 def config_from_hf(data: dict[str, Any], where: str = CONFIG_FILE) -> tuple[GPTConfig, Kind]:
-    """GPTConfig + kind from a GPT2Config dict (ours or one written by transformers)."""
-    if data.get("model_type", "gpt2") != "gpt2":
-        raise CheckpointError(f"{where}: model_type {data.get('model_type')!r} is not 'gpt2'")
+    """GPTConfig + kind from a GPT2Config or OpenAIGPTConfig dict (ours or one written by transformers)."""
+    model_type = data.get("model_type", "gpt2")
+    if model_type not in ("gpt2", "openai-gpt"):
+        raise CheckpointError(f"{where}: model_type {model_type!r} is not 'gpt2' or 'openai-gpt'")
     extra = data.get("raygpt", {})
-    archs = data.get("architectures") or ["GPT2LMHeadModel"]
-    kind: Kind = extra.get("kind") or ("lm" if "GPT2LMHeadModel" in archs else "reward")
-    if data.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+    gpt1 = model_type == "openai-gpt"
+    lm_arch = "OpenAIGPTLMHeadModel" if gpt1 else "GPT2LMHeadModel"
+    archs = data.get("architectures") or [lm_arch]
+    kind: Kind = extra.get("kind") or ("lm" if lm_arch in archs else "reward")
+    if gpt1:
+        if data.get("afn", "gelu") != "gelu":
+            raise CheckpointError(f"{where}: afn {data['afn']!r} is not supported (GPT-1 uses 'gelu')")
+        data = {**data, "bos_token_id": data.get("bos_token_id") or 0, "eos_token_id": data.get("eos_token_id") or 0}
+    elif data.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise CheckpointError(f"{where}: activation_function {data['activation_function']!r} is not supported")
     try:
         cfg = GPTConfig(
             vocab_size=data["vocab_size"], n_ctx=data.get("n_positions", data.get("n_ctx")),
-            n_layer=data["n_layer"], n_head=data["n_head"], n_embd=data["n_embd"], n_inner=data.get("n_inner"),
+            n_layer=data["n_layer"], n_head=data["n_head"], n_embd=data["n_embd"],
+            n_inner=data.get("n_inner", extra.get("n_inner")),
             embd_pdrop=data.get("embd_pdrop", 0.1), attn_pdrop=data.get("attn_pdrop", 0.1),
             resid_pdrop=data.get("resid_pdrop", 0.1), layer_norm_epsilon=data.get("layer_norm_epsilon", 1e-5),
             initializer_range=data.get("initializer_range", 0.02),
             attention=extra.get("attention", "dense"), local_window=extra.get("local_window", 256),
             tie_embeddings=data.get("tie_word_embeddings", True),
             bos_token_id=data.get("bos_token_id", 50256) or 0, eos_token_id=data.get("eos_token_id", 50256) or 0,
+            ln_placement=extra.get("ln_placement", "post" if gpt1 else "pre"),
+            final_ln=extra.get("final_ln", not gpt1),
         )
     except KeyError as e:
         raise CheckpointError(f"{where}: missing key {e.args[0]!r}") from None
@@ -100,28 +165,38 @@ def config_from_hf(data: dict[str, Any], where: str = CONFIG_FILE) -> tuple[GPTC
 
 
 def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our state dict → HF GPT-2 names/layout (tied lm_head omitted: safetensors stores no aliases)."""
+    """Our state dict → HF GPT-2 names/layout, or OpenAIGPT's for a GPT-1 (tied lm_head omitted: safetensors
+    stores no aliases)."""
     out: dict[str, torch.Tensor] = {}
     tied = getattr(model.config, "tie_embeddings", True)
+    gpt1 = is_gpt1(model.config)
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and tied:
             continue
         t = t.detach().to("cpu")
         if name.endswith(_CONV1D_SUFFIXES):
             t = t.t()
+        if gpt1:
+            for ours, theirs in _OPENAI_NAMES.items():
+                if name.startswith(ours):
+                    name = theirs + name[len(ours):]
         out[name] = t.contiguous().clone()
     return out
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF GPT-2 names/layout → ours. Accepts checkpoints without the `transformer.` prefix (the `gpt2` hub
-    layout) and drops HF's non-parameter buffers (`attn.bias`, `attn.masked_bias`)."""
+    """HF GPT-2 or OpenAIGPT names/layout → ours. Accepts checkpoints without the `transformer.` prefix (the
+    `gpt2`/`openai-gpt` hub layout) and drops HF's non-parameter buffers (`attn.bias`, `attn.masked_bias`,
+    `position_ids`)."""
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
+        if name.endswith((".attn.bias", ".attn.masked_bias", "position_ids")):
             continue
         if not name.startswith(("transformer.", "lm_head.", "score.")):
             name = "transformer." + name
+        for ours, theirs in _OPENAI_NAMES.items():
+            if name.startswith(theirs):
+                name = ours + name[len(theirs):]
         if name.endswith(_CONV1D_SUFFIXES):
             t = t.t()
         out[name] = t.contiguous()

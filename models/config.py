@@ -1,21 +1,47 @@
-"""GPTConfig: the shape of a decoder-only transformer, validated on construction, with presets by name."""
+"""Typed configs: the `field` helper and `ConfigError` every config of the project uses (model shapes here, the
+cluster's placement and training sections, the jobs' configs), and GPTConfig — the shape of a decoder-only
+transformer, validated on construction, with presets by name.
+
+A config is a (nested) dataclass whose fields carry `metadata={"help": ...}` (`field`), checked in `validate()` or
+`__post_init__` with errors that start with the field's name; jobs/config.py builds them from YAML and `--set`.
+These two live here, the lowest layer, so that cluster/ and actors/ declare their sections without importing
+jobs/.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
 Attention = Literal["dense", "alternating"]
+LNPlacement = Literal["pre", "post"]
 
 
-class ModelConfigError(ValueError):
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type, or inconsistent. The message names the field."""
+
+
+def field(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
+    """`dataclasses.field` with a help string; mutable defaults go through `default_factory`."""
+    if isinstance(default, (list, dict)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
+        value = default
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(value), metadata={"help": help}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+class ModelConfigError(ConfigError):
     """A model config value is invalid; the message names the field."""
 
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """Decoder-only transformer shape (GPT-2 layout: pre-LayerNorm blocks + a final LayerNorm).
+    """Decoder-only transformer shape (GPT-2 layout by default: pre-LayerNorm blocks + a final LayerNorm).
+
+    `ln_placement="post"` with `final_ln=False` is GPT-1's layout (Radford et al. 2018 §3.1, the Transformer
+    decoder of Vaswani et al. 2017): every sub-block is x ← LayerNorm(x + sublayer(x)) and no LayerNorm follows
+    the last block. GPT-2 §2.3 moved the LayerNorm to each sub-block's input and added the final one.
 
     `attention="alternating"` is GPT-3's pattern (Brown et al. 2020, §2.1): layers alternate between dense
     causal attention (even layers) and locally banded sparse attention (odd layers), where a query attends
@@ -38,6 +64,8 @@ class GPTConfig:
     tie_embeddings: bool = True
     bos_token_id: int = 50256
     eos_token_id: int = 50256
+    ln_placement: LNPlacement = "pre"
+    final_ln: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd", "local_window"):
@@ -62,6 +90,10 @@ class GPTConfig:
                 raise ModelConfigError(f"{name}: {value} is outside the vocabulary [0, {self.vocab_size})")
         if self.layer_norm_epsilon <= 0 or self.initializer_range <= 0:
             raise ModelConfigError("layer_norm_epsilon/initializer_range: must be > 0")
+        if self.ln_placement not in ("pre", "post"):
+            raise ModelConfigError(f"ln_placement: must be 'pre' (GPT-2) or 'post' (GPT-1), got {self.ln_placement!r}")
+        if not isinstance(self.final_ln, bool):
+            raise ModelConfigError(f"final_ln: must be true or false, got {self.final_ln!r}")
 
     @property
     def head_dim(self) -> int:
@@ -98,7 +130,7 @@ class GPTConfig:
     def num_params(self, include_embeddings: bool = True) -> int:
         c = self.n_embd
         per_layer = 4 * c + (3 * c * c + 3 * c) + (c * c + c) + 2 * (c * self.inner_dim) + self.inner_dim + c
-        n = self.n_layer * per_layer + 2 * c
+        n = self.n_layer * per_layer + (2 * c if self.final_ln else 0)
         if include_embeddings:
             n += self.vocab_size * c + self.n_ctx * c
             if not self.tie_embeddings:
@@ -112,8 +144,10 @@ def _gpt3(n_layer: int, n_embd: int, n_head: int) -> dict[str, Any]:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # GPT (Radford et al. 2018): 12 layers, 768 wide, 12 heads, 512 context, 40k BPE vocabulary.
-    "gpt1": dict(n_layer=12, n_embd=768, n_head=12, n_ctx=512, vocab_size=40478, bos_token_id=0, eos_token_id=0),
+    # GPT (Radford et al. 2018 §4.1): 12 layers, 768 wide, 12 heads, 512 context, 40k BPE vocabulary; post-LN
+    # blocks and no final LayerNorm (§3.1, the original Transformer decoder block).
+    "gpt1": dict(n_layer=12, n_embd=768, n_head=12, n_ctx=512, vocab_size=40478, bos_token_id=0, eos_token_id=0,
+                 ln_placement="post", final_ln=False),
     # GPT-2 (Radford et al. 2019), Table 2.
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
     "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),

@@ -6,6 +6,8 @@ uses `Conv1D` (weight `(in, out)`), and `models/checkpoint.py` transposes at the
 
 GPT-2 §2.3 modifications over GPT: LayerNorm moved to the input of each sub-block, an extra LayerNorm after
 the final block, residual projections initialised with std / √N (N = number of residual layers = 2·n_layer).
+GPT-1 itself (`ln_placement="post"`, `final_ln=False`, the `gpt1` preset) keeps the original post-LN block and
+has no final LayerNorm; `models/checkpoint.py` reads/writes it in HF's `OpenAIGPTLMHeadModel` names.
 """
 
 from __future__ import annotations
@@ -104,16 +106,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block (GPT-2 §2.3): x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-LN transformer block (GPT-2 §2.3): x + attn(ln_1(x)), then x + mlp(ln_2(x)); or, for GPT-1
+    (`ln_placement="post"`, GPT §3.1 / Vaswani et al. 2017 §3.1): ln_1(x + attn(x)), then ln_2(x + mlp(x))."""
 
     def __init__(self, cfg: GPTConfig, layer: int) -> None:
         super().__init__()
+        self.post_ln = cfg.ln_placement == "post"
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.attn = CausalSelfAttention(cfg, layer)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
+        if self.post_ln:
+            x = self.ln_1(x + self.attn(x, mask, cache))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), mask, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -125,7 +132,8 @@ def position_ids_from_mask(attention_mask: Tensor, past: int, q_len: int) -> Ten
 
 
 class GPTModel(nn.Module):
-    """The transformer body: token + learned position embeddings, blocks, final LayerNorm → hidden states."""
+    """The transformer body: token + learned position embeddings, blocks, final LayerNorm → hidden states.
+    Without a final LayerNorm (GPT-1) `ln_f` is an identity with no parameters."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -134,13 +142,13 @@ class GPTModel(nn.Module):
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.n_embd)
         self.drop = nn.Dropout(cfg.embd_pdrop)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.ln_f: nn.Module = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon) if cfg.final_ln else nn.Identity()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 cache: KVCache | None = None) -> Tensor:
         """input_ids (B, T); attention_mask (B, past+T) with 1 = real token, covering cached positions too.
 
-        Returns hidden states (B, T, n_embd) after the final LayerNorm.
+        Returns hidden states (B, T, n_embd) after the final LayerNorm (after the last block for GPT-1).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.gpt import GPT, Block
+from models.gpt import GPT, Block, attention_mask_4d
 
 NAME_MAP_ATTR = "_raygpt_param_names"  # PipelineModule attribute: pipeline parameter name → GPT name
 
@@ -54,14 +54,21 @@ def _tied_logits(module: EmbeddingPipe, hidden: Tensor) -> Tensor:
 
 
 class BlockPipe(nn.Module):
-    """One transformer block with plain causal attention (no padding mask, no cache: pretraining/SFT batches)."""
+    """One transformer block with causal attention and no padding mask or cache (pretraining/SFT batches).
+
+    Each block builds its own mask from its layer's window, so GPT-3's locally banded layers (Brown et al. 2020
+    §2.1) stay banded on every stage; a dense layer gets None (SDPA's is_causal). Stages exchange only hidden
+    states, so the mask cannot be built once and passed along as in `GPTModel.forward`.
+    """
 
     def __init__(self, block: Block) -> None:
         super().__init__()
         self.block = block
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.block(x, None)
+        B, T = x.shape[:2]
+        mask = attention_mask_4d(None, T, 0, self.block.attn.window, x.device, B)
+        return self.block(x, mask)
 
 
 class ModulePipe(nn.Module):
