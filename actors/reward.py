@@ -44,7 +44,7 @@ def import_function(path: str, field_name: str = "reward.function",
                     error: type[ValueError] = RewardError) -> RewardFunction:
     """`"module:callable"` → the callable (the module must be importable on the workers). A class is
     instantiated with no arguments (a verifier that loads something once); its `gold_scores` method is used if it
-    has one (a task's labeler, jobs/tasks), else the instance must be callable. Errors name `field_name`."""
+    has one (a task's labeler, jobs/data/tasks), else the instance must be callable. Errors name `field_name`."""
     module, _, attr = path.partition(":")
     if not module or not attr:
         raise error(f"{field_name}: expected 'module:callable', got {path!r}")

@@ -33,7 +33,7 @@ def build(root: Path) -> dict[str, str]:
     """tokenizer (BPE on pydoc, ≤ 4096 tokens), random `tiny` LM and RM checkpoints, a prompts file."""
     import torch
 
-    from jobs.data import load_texts
+    from jobs.data.corpus import load_texts
     from models.checkpoint import save_checkpoint
     from models.config import GPTConfig
     from models.gpt import GPT
@@ -55,10 +55,10 @@ def build(root: Path) -> dict[str, str]:
 # --- raygpt ---------------------------------------------------------------------------------------------------
 def part_raygpt(art: dict[str, str], root: Path) -> dict[str, Any]:
     from benchmarks.common import PeakRSS
+    from cluster.metrics import read_metrics
     from jobs.config import from_dict
     from jobs.ppo import run
-    from jobs.ppo_config import PPOJobConfig
-    from jobs.runs import read_metrics
+    from jobs.rl.config import PPOJobConfig
 
     cfg = from_dict(PPOJobConfig, {
         "name": "bench", "runs_root": str(root / "runs"), "iterations": ITERATIONS, "batch_size": BATCH,

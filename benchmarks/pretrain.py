@@ -5,7 +5,7 @@ same Shakespeare token dataset, in one run. Goal ≥ 0.95×.
 Steady state: tokens trained between step WARMUP and the last step, divided by the wall time between them, in
 both loops — batch assembly, optimizer, and (for raygpt) the DeepSpeed engine, metric reports to the driver and
 one mid-run checkpoint included; process/Ray/DeepSpeed start-up and the final export excluded (reported
-separately as end-to-end time). MFU = achieved FLOP/s (6·N + 12·L·C·T per token, jobs/engine.py) over the
+separately as end-to-end time). MFU = achieved FLOP/s (6·N + 12·L·C·T per token, cluster/train/engine.py) over the
 matmul FLOP/s measured with the same threads.
 """
 
@@ -40,8 +40,8 @@ def ensure_data() -> Path:
 
 def plain_loop(data: Path) -> dict[str, float]:
     """The reference: one process, torch only."""
-    from jobs.data import TokenDataset
-    from jobs.engine import flops_per_token, measure_peak_flops
+    from cluster.train.engine import flops_per_token, measure_peak_flops
+    from jobs.data.tokens import TokenDataset
     from models.config import GPTConfig
     from models.gpt import GPT
     from models.losses import lm_loss
@@ -86,9 +86,9 @@ def plain_loop_process(data: Path) -> dict[str, float]:
 
 
 def raygpt_run(data: Path, root: Path) -> dict[str, float]:
+    from cluster.metrics import read_metrics
     from jobs.config import load_config
     from jobs.pretrain import PretrainConfig, run
-    from jobs.runs import read_metrics
 
     cfg = load_config(PretrainConfig, base={
         "name": "bench", "runs_root": str(root), "log_every": 10, "model": {"preset": PRESET},

@@ -89,7 +89,7 @@ def main() -> None:
 
     from cluster.runtime import init_ray, shutdown_ray
     from jobs.config import from_dict
-    from jobs.serve import ServeConfig, build_app
+    from jobs.serving.app import ServeConfig, build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,9 +13,10 @@ Pure data + a few Ray calls at the bottom (placement groups are created and remo
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from models.config import ConfigError, field
 
 ROLES: tuple[str, ...] = ("policy", "reference", "reward", "value", "rollout")
 DEFAULT_REPLICAS: dict[str, int] = {"policy": 1, "reference": 1, "reward": 1, "value": 1, "rollout": 0}
@@ -24,24 +25,18 @@ Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 _EPS = 1e-9
 
 
-class PlacementError(ValueError):
+class PlacementError(ConfigError):
     """The placement spec is inconsistent or does not fit; the message names the field."""
-
-
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - same shape as jobs.config.field (cluster/ cannot import jobs/)
-    if isinstance(default, (dict, list)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass
 class PoolSpec:
     """One placement group of `bundles` identical bundles."""
 
-    bundles: int = _f(1, "number of bundles in the pool")
-    cpus: float = _f(1.0, "CPUs per bundle")
-    gpus: float = _f(0.0, "GPUs per bundle")
-    strategy: Strategy = _f("PACK", "Ray placement strategy: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+    bundles: int = field(1, "number of bundles in the pool")
+    cpus: float = field(1.0, "CPUs per bundle")
+    gpus: float = field(0.0, "GPUs per bundle")
+    strategy: Strategy = field("PACK", "Ray placement strategy: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
 
     def resources(self) -> dict[str, float]:
         out = {"CPU": float(self.cpus)}
@@ -54,10 +49,10 @@ class PoolSpec:
 class RoleSpec:
     """Where a role's replicas run and what each replica takes from its bundle."""
 
-    pool: str = _f("shared", "name of the pool (key of placement.pools)")
-    replicas: int = _f(1, "replicas (data-parallel ranks) of the role; 0 = role not started")
-    cpus: float = _f(0.25, "CPUs each replica takes from its bundle")
-    gpus: float = _f(0.0, "GPUs each replica takes from its bundle (fractions share one GPU)")
+    pool: str = field("shared", "name of the pool (key of placement.pools)")
+    replicas: int = field(1, "replicas (data-parallel ranks) of the role; 0 = role not started")
+    cpus: float = field(0.25, "CPUs each replica takes from its bundle")
+    gpus: float = field(0.0, "GPUs each replica takes from its bundle (fractions share one GPU)")
 
 
 @dataclass
@@ -121,13 +116,13 @@ class PlacementConfig:
     """How the PPO roles are placed. `colocated`: one pool whose bundles each host one replica of every role;
     `disaggregated`: one pool per role; `custom`: `pools` and `roles` as given."""
 
-    layout: Layout = _f("colocated", "colocated | disaggregated | custom")
-    replicas: dict[str, int] = _f(dict(DEFAULT_REPLICAS), "replicas per role; a role left out keeps its default "
+    layout: Layout = field("colocated", "colocated | disaggregated | custom")
+    replicas: dict[str, int] = field(dict(DEFAULT_REPLICAS), "replicas per role; a role left out keeps its default "
                                   "(rollout = separate generation workers; 0 = the policy generates)")
-    cpus_per_worker: float = _f(0.5, "CPUs each actor takes (colocated: a bundle holds one of each role)")
-    gpus_per_worker: float = _f(0.0, "GPUs each actor takes (colocated: the roles of a bundle share this)")
-    pools: dict[str, PoolSpec] = _f({}, "custom layout: pools by name")
-    roles: dict[str, RoleSpec] = _f({}, "custom layout: roles by name")
+    cpus_per_worker: float = field(0.5, "CPUs each actor takes (colocated: a bundle holds one of each role)")
+    gpus_per_worker: float = field(0.0, "GPUs each actor takes (colocated: the roles of a bundle share this)")
+    pools: dict[str, PoolSpec] = field({}, "custom layout: pools by name")
+    roles: dict[str, RoleSpec] = field({}, "custom layout: roles by name")
 
     def check(self) -> PlacementSpec:
         """Validate and resolve (raises PlacementError with the field path relative to the placement config)."""

@@ -10,7 +10,7 @@ gloo on CPU, nccl on GPU.
 Failure: actors are created with `max_restarts`, so Ray restarts a crashed independent replica by itself and
 `ready()` waits for it. A DP world cannot continue with a member missing (its collectives would hang), so
 `replace()` ends every replica of the group, starts fresh ones in the same bundles and forms a fresh world with a
-fresh rendezvous. Reloading state is the caller's business (it knows the last weights); see jobs/ppo_runtime.py.
+fresh rendezvous. Reloading state is the caller's business (it knows the last weights); see jobs/rl/controller.py.
 
 Worker classes stay plain Python; `ray.remote` is applied here, when the job wires the cluster. Role groups
 subclass `WorkerGroup` with explicit typed methods (`ValueGroup.compute_values(shards)`), never method names as

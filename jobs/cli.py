@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "comparisons": ("jobs.comparisons", "sample K responses per prompt and have the labeler rank them"),
     "rm": ("jobs.rm", "train the K-wise reward model"),
     "ppo": ("jobs.ppo", "PPO-ptx on Ray actors (policy, reference, reward, value)"),
-    "eval": ("jobs.evaluate", "gold/proxy score, win rate, RM accuracy, perplexity"),
+    "eval": ("jobs.eval", "gold/proxy score, win rate, RM accuracy, perplexity"),
     "tune": ("jobs.tune", "Ray Tune (ASHA) sweep over a job's config fields"),
     "serve": ("jobs.serve", "serve checkpoints behind Ray Serve (OpenAI-compatible HTTP)"),
     "generate": ("jobs.generate", "print samples from a checkpoint"),

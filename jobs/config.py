@@ -17,19 +17,11 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from models.config import ConfigError, field
+
+__all__ = ["ConfigError", "field", "load_config", "from_dict", "to_dict", "dump_yaml", "help_lines"]
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value is missing, of the wrong type, or inconsistent. The message names the field."""
-
-
-def field(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
-    """`dataclasses.field` with a help string; mutable defaults go through `default_factory`."""
-    if isinstance(default, (list, dict)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
-        value = default
-        return dataclasses.field(default_factory=lambda: _copy(value), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
 
 
 def _copy(value: Any) -> Any:

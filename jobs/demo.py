@@ -169,7 +169,7 @@ def plan_stages(cfg: DemoConfig) -> list[Planned]:
 
 
 def serve_config(cfg: DemoConfig) -> Any:
-    from jobs.serve import ServeConfig
+    from jobs.serving.app import ServeConfig
 
     p = _paths(cfg)
     base = {"models": [f"pretrained={p['pretrain']}", f"sft={p['sft']}", f"ppo={p['ppo']}"],
@@ -183,7 +183,7 @@ def serve_config(cfg: DemoConfig) -> Any:
 def _api_key(scfg: Any) -> str | None:
     import os
 
-    from jobs.serve import API_KEY_ENV
+    from jobs.serving.app import API_KEY_ENV
 
     if scfg.http.api_key_file:
         return Path(scfg.http.api_key_file).expanduser().read_text().strip()
@@ -200,7 +200,7 @@ def serve_one_request(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     """Deploy the three checkpoints behind Ray Serve, send one /v1/completions request, tear down."""
     from ray import serve
 
-    from jobs.serve import build_app
+    from jobs.serving.app import build_app
 
     scfg = serve_config(cfg)
     app = build_app(scfg)

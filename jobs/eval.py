@@ -5,7 +5,7 @@ For every language-model checkpoint in `models` (label → directory):
 - proxy score: the reward model's score of the same responses (normalised: SFT demonstrations average 0), so
   over-optimisation of the proxy shows up as proxy rising while gold does not;
 - perplexity on held-out text (the corpus documents held out of pretraining);
-- the zero/few-shot prompt formats ("TL;DR:", Q/A, "english = french"; jobs/tasks/formats.py).
+- the zero/few-shot prompt formats ("TL;DR:", Q/A, "english = french"; jobs/data/tasks/formats.py).
 For every ordered pair of models, the labeler's win rate of A over B on the same prompts (ties count ½), and for
 the reward model its pairwise accuracy on held-out comparisons (all pairs, and the pairs the labeler did not tie).
 
@@ -17,7 +17,6 @@ seconds, and no Ray cluster is needed to read checkpoints.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -26,9 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from jobs.cli import job_main
-from jobs.comparisons import sample_responses, sample_seed
 from jobs.config import ConfigError, field
-from jobs.tasks import Task, TaskConfig, TaskError, build_task, read_comparisons
+from jobs.data.tasks import TaskConfig, TaskError, build_task
+from jobs.rlhf.checkpoints import load_lm
+from jobs.rlhf.evaluation import (
+    heldout_perplexity,
+    heldout_responses,
+    proxy_scores,
+    rm_accuracy,
+    rm_heldout_file,
+    win_rate,
+)
 from models.generation import SamplingParams
 
 
@@ -47,7 +54,7 @@ class FormatsSection:
 
     names: list[str] = field(["tldr", "qa", "translation"], help="formats to run ([] = skip)")
     shots: list[int] = field([0, 3], help="numbers of in-context examples")
-    file: str = field("", help="JSON file with more formats (see jobs/tasks/formats.py)")
+    file: str = field("", help="JSON file with more formats (see jobs/data/tasks/formats.py)")
     max_new_tokens: int = field(12, help="greedy completion length")
 
 
@@ -79,111 +86,6 @@ class EvalConfig:
 
 
 # --- building blocks (also used by jobs.sft and tests) ---------------------------------------------------------
-def load_lm(path: str | Path) -> tuple[Any, Any]:
-    from models.checkpoint import load_checkpoint, tokenizer_path
-    from models.tokenizer import Tokenizer
-
-    return load_checkpoint(path, kind="lm"), Tokenizer.from_file(tokenizer_path(path))
-
-
-def heldout_responses(model: Any, tokenizer: Any, prompts: Sequence[str], sampling: SamplingParams, seed: int,
-                      batch_size: int = 128) -> list[str]:
-    """One response per held-out prompt; prompt i always gets the same seed, whichever model samples."""
-    seeds = [sample_seed(seed, "heldout", i, 0, 1) for i in range(len(prompts))]
-    return sample_responses(model, tokenizer, prompts, sampling, seeds, batch_size)
-
-
-def gold_of_checkpoint(path: str | Path, task: Task, prompts: Sequence[str], sampling: SamplingParams,
-                       seed: int = 0) -> tuple[float, list[str], list[float]]:
-    """(mean gold score, responses, scores) of a checkpoint's samples on `prompts`."""
-    model, tokenizer = load_lm(path)
-    responses = heldout_responses(model, tokenizer, prompts, sampling, seed)
-    scores = task.gold_scores(prompts, responses)
-    return sum(scores) / len(scores), responses, scores
-
-
-def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
-    """Fraction of prompts where A's gold score beats B's; ties count ½."""
-    if len(scores_a) != len(scores_b) or not scores_a:
-        raise ValueError("win_rate: need two equally long, non-empty score lists")
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)) / len(scores_a)
-
-
-def proxy_scores(rm: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    from jobs.rm import reward_scores
-    from jobs.sft import encode_example
-
-    seqs = [sum(encode_example(tokenizer, p, r), []) for p, r in zip(prompts, responses)]
-    return reward_scores(rm, seqs, tokenizer.eos_id)
-
-
-def rm_accuracy(rm: Any, tokenizer: Any, path: str | Path) -> dict[str, float]:
-    """Pairwise accuracy of the RM on a comparisons file: over all C(K,2) pairs of every prompt, and over the pairs
-    whose labeler scores differ (when the file records scores; tied pairs are a coin flip for any model)."""
-    import torch
-
-    from models.losses import pairwise_accuracy
-
-    comps = read_comparisons(path)
-    flat_p = [c.prompt for c in comps for _ in c.responses]
-    flat_r = [r for c in comps for r in c.responses]
-    flat = proxy_scores(rm, tokenizer, flat_p, flat_r)
-    correct = total = decided_correct = decided = 0.0
-    pos = 0
-    for c in comps:
-        r = flat[pos:pos + c.k]
-        pos += c.k
-        acc = float(pairwise_accuracy(torch.tensor([r]), torch.tensor([list(c.ranking)])))
-        pairs = c.k * (c.k - 1) / 2
-        correct += acc * pairs
-        total += pairs
-        if c.scores is not None:
-            for i in range(c.k):
-                for j in range(c.k):
-                    if c.scores[i] > c.scores[j]:
-                        decided += 1
-                        decided_correct += float(r[i] > r[j])
-    out = {"rm_accuracy": correct / total, "rm_comparisons": float(len(comps))}
-    if decided:
-        out["rm_accuracy_decided"] = decided_correct / decided
-    return out
-
-
-def heldout_perplexity(model: Any, tokenizer: Any, corpus: str, validation_fraction: float, max_tokens: int
-                       ) -> float:
-    """exp(mean next-token NLL) over the held-out documents, in n_ctx blocks (documents joined by EOS)."""
-    import torch
-
-    from jobs.data import load_documents, split_documents
-    from models.losses import lm_loss
-
-    docs = split_documents(load_documents(corpus), validation_fraction)["validation"]
-    ids: list[int] = []
-    for d in docs:
-        ids += tokenizer.encode(d.text) + [tokenizer.eos_id]
-        if len(ids) > max_tokens:
-            break
-    n = model.config.n_ctx
-    blocks = (min(len(ids), max_tokens + 1) - 1) // n  # whole blocks of n predictions each
-    if blocks < 1:
-        raise ConfigError(f"perplexity.max_tokens: {max_tokens} is shorter than one context of {n} tokens")
-    data = torch.tensor(ids[:blocks * n + 1])
-    model.eval()
-    nll = 0.0
-    with torch.no_grad():
-        for i in range(0, blocks, 16):  # 16 blocks per forward pass
-            rows = range(i, min(blocks, i + 16))
-            x = torch.stack([data[r * n:(r + 1) * n + 1] for r in rows])
-            nll += float(lm_loss(model(x[:, :-1]), x[:, 1:])) * len(rows)
-    return math.exp(nll / blocks)
-
-
-def _rm_heldout_file(reward_model: str) -> str | None:
-    from models.checkpoint import read_config
-
-    extra = read_config(reward_model)[2].get("raygpt", {})
-    path = extra.get("heldout_comparisons")
-    return path if path and Path(path).is_file() else None
 
 
 # --- the job ---------------------------------------------------------------------------------------------------
@@ -207,8 +109,9 @@ def check(cfg: EvalConfig) -> None:
 def run(cfg: EvalConfig) -> dict[str, Any]:
     import torch
 
-    from jobs.runs import MetricsWriter, start_run
-    from jobs.tasks.formats import evaluate_formats, resolve_formats
+    from cluster.metrics import MetricsWriter
+    from jobs.data.tasks.formats import evaluate_formats, resolve_formats
+    from jobs.runs import start_run
     from models.checkpoint import load_checkpoint, tokenizer_path
     from models.tokenizer import Tokenizer
 
@@ -251,7 +154,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             if a != b:
                 metrics[f"win_rate/{a}_vs_{b}"] = win_rate(gold[a], gold[b])
     if rm is not None:
-        comp = cfg.comparisons or _rm_heldout_file(cfg.reward_model)
+        comp = cfg.comparisons or rm_heldout_file(cfg.reward_model)
         if comp:
             metrics.update(rm_accuracy(rm, rm_tok, comp))
             metrics["rm_accuracy_file"] = str(comp)

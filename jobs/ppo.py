@@ -11,8 +11,8 @@ One iteration (InstructGPT §3.5, Ziegler et al. 2019; the loop below reads exac
 
 Between stages only ObjectRefs move; the controller waits on small metadata objects, every wait has a timeout.
 A worker that dies (or hangs past the timeout) mid-stage is restarted with its group, reloaded from the last
-checkpoint, and the interrupted stage is resubmitted (`jobs/ppo_runtime.py`). Config, placement and the held-out
-evaluation live in `jobs/ppo_config.py` and `jobs/ppo_eval.py`; docs/PPO.md describes the whole job.
+checkpoint, and the interrupted stage is resubmitted (`jobs/rl/controller.py`). Config, placement and the held-out
+evaluation live in `jobs/rl/config.py` and `jobs/rl/final.py`; docs/PPO.md describes the whole job.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import time
 from typing import Any
 
 from jobs.cli import job_main
-from jobs.ppo_config import PPOJobConfig, plan
-from jobs.ppo_runtime import Controller
+from jobs.rl.config import PPOJobConfig, plan
+from jobs.rl.controller import Controller
 
 
 def run(cfg: PPOJobConfig) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """`raygpt prepare`: tokenise a corpus into Parquet shards (train/validation) for pretraining.
 
-Layout and schema: see jobs/data.py and docs/DATA.md.
+Layout and schema: see jobs/data/ and docs/DATA.md.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from jobs.cli import job_main
 from jobs.config import ConfigError, field
-from jobs.data import DEFAULT_VALIDATION_FRACTION, prepare
+from jobs.data.corpus import DEFAULT_VALIDATION_FRACTION
+from jobs.data.tokens import prepare
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`raygpt pretrain`: GPT pretraining on Ray Train + DeepSpeed (ZeRO, tensor and pipeline parallel).
 
-Each Ray Train worker reads only its data-parallel shard of the Parquet token dataset (jobs/data.py
-`TokenDataset`), runs the shared engine (jobs/engine.py) and reports per-step metrics; the driver writes
+Each Ray Train worker reads only its data-parallel shard of the Parquet token dataset (jobs/data/
+`TokenDataset`), runs the shared engine (cluster/train/engine.py) and reports per-step metrics; the driver writes
 `runs/<name>/metrics.jsonl` and shows a progress bar, and the final model is exported to
 `runs/<name>/checkpoint/` (an HF GPT-2 directory). Checkpoints for exact resume live in
 `runs/<name>/trainer_state/step-XXXXXXXX/`; re-running the same name continues from the latest one.
@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.cli import job_main
-from jobs.config import ConfigError, field
-from jobs.engine import (
+from cluster.train.engine import (
     CheckpointConfig,
     FailureConfig,
     OptimConfig,
@@ -32,6 +30,8 @@ from jobs.engine import (
     measure_peak_flops,
     perplexity,
 )
+from jobs.cli import job_main
+from jobs.config import ConfigError, field
 
 
 @dataclass
@@ -113,7 +113,8 @@ def model_config(cfg: PretrainConfig, vocab_size: int | None = None, eos_id: int
 
 def ensure_data(cfg: PretrainConfig) -> dict[str, Any]:
     """The dataset's meta.json; with data.prepare, build a missing dataset (and tokenizer) first."""
-    from jobs.data import DataError, read_meta
+    from jobs.data.corpus import DataError
+    from jobs.data.tokens import read_meta
 
     d = Path(cfg.data.dir)
     if not d.exists():
@@ -195,12 +196,12 @@ def _tokenizer_path(cfg: PretrainConfig, meta: dict[str, Any]) -> str | None:
 
 # --- worker -------------------------------------------------------------------------------------------------------
 def train_loop(c: dict[str, Any]) -> None:
-    """Per-worker loop (see jobs/engine.py for the engine's contract)."""
+    """Per-worker loop (see cluster/train/engine.py for the engine's contract)."""
     import torch
     import torch.distributed as dist
 
-    from jobs.data import TokenDataset
-    from jobs.engine import build_engine, init_worker
+    from cluster.train.engine import build_engine, init_worker
+    from jobs.data.tokens import TokenDataset
     from models.checkpoint import load_checkpoint
     from models.config import GPTConfig
     from models.gpt import GPT

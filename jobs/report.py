@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.runs import read_metrics
+from cluster.metrics import read_metrics
 
 
 class ReportError(RuntimeError):

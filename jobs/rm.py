@@ -14,9 +14,9 @@
   normalised rewards in raygpt and in transformers' GPT2ForSequenceClassification alike; config.json's
   raygpt.reward_normalization records the offset and where it went.
 
-Training runs on the shared Ray Train + DeepSpeed engine (jobs/engine.py). Comparisons come from a file or directory
-(Parquet/JSONL: prompt, responses, ranking) or, when none is given, are sampled from the SFT model on Ray workers
-first (jobs/comparisons.py) into runs/<name>/comparisons/. Everything is validated before training starts.
+Training runs on the shared Ray Train + DeepSpeed engine (cluster/train/). Comparisons come from a file or
+directory (Parquet/JSONL: prompt, responses, ranking) or, when none is given, are sampled from the SFT model on
+Ray workers first (jobs/rlhf/sampling.py) into runs/<name>/comparisons/. Everything is validated before training starts.
 """
 
 from __future__ import annotations
@@ -24,21 +24,19 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.train.engine import CheckpointConfig, FailureConfig, FineTuneParallelConfig, OptimConfig, launch
 from jobs.cli import job_main
-from jobs.comparisons import GenerateSection, check_policy, generate_comparisons
 from jobs.config import ConfigError, field
-from jobs.engine import CheckpointConfig, FailureConfig, OptimConfig, launch
-from jobs.sft import FineTuneParallelConfig, batch_indices, encode_example, rank_slice
-from jobs.tasks import Comparison, TaskConfig, build_task, read_comparisons
-from jobs.tasks.base import stable_unit
-
-Element = tuple[list[list[int]], list[int]]  # (K token sequences, ranking)
-REWARD_INPUT = "prompt_ids + response_ids + [eos_id]; reward read at the final EOS"
+from jobs.data.examples import batch_indices, encode_example, load_elements, rank_slice, rm_batch
+from jobs.data.tasks import TaskConfig, build_task
+from jobs.data.tasks.base import stable_unit
+from jobs.rlhf.checkpoints import check_policy
+from jobs.rlhf.reward_model import REWARD_INPUT, fold_reward_offset, reward_scores, rm_loss_fn
+from jobs.rlhf.sampling import GenerateSection, generate_comparisons
 
 
 @dataclass
@@ -98,95 +96,6 @@ class RMConfig:
 
 
 # --- data (pure, testable without Ray) -------------------------------------------------------------------------
-def encode_comparison(tokenizer: Any, c: Comparison) -> Element:
-    """K sequences prompt + response_j + EOS, and the ranking."""
-    return [sum(encode_example(tokenizer, c.prompt, r), []) for r in c.responses], list(c.ranking)
-
-
-def rm_batch(elements: Sequence[Element], pad_id: int) -> dict[str, Any]:
-    """Batch of B prompts: {"input_ids", "attention_mask"}: (B, K_max, T) right-padded (padding responses of
-    prompts with K < K_max are all padding), "ranking": (B, K_max) padded with −1, "k": (B,) responses per prompt.
-    Rows come first so the engine can split micro-batches by prompt."""
-    import torch
-
-    if not elements:
-        raise ValueError("elements: empty batch")
-    kmax = max(len(seqs) for seqs, _ in elements)
-    T = max(len(s) for seqs, _ in elements for s in seqs)
-    B = len(elements)
-    ids = torch.full((B, kmax, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, kmax, T), dtype=torch.long)
-    ranking = torch.full((B, kmax), -1, dtype=torch.long)
-    k = torch.zeros(B, dtype=torch.long)
-    for b, (seqs, rank) in enumerate(elements):
-        if len(seqs) < 2 or len(rank) != len(seqs):
-            raise ValueError(f"elements[{b}]: need K >= 2 sequences and a ranking of the same length")
-        k[b] = len(seqs)
-        ranking[b, :len(rank)] = torch.tensor(rank)
-        for j, s in enumerate(seqs):
-            ids[b, j, :len(s)] = torch.tensor(s)
-            mask[b, j, :len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "ranking": ranking, "k": k}
-
-
-def rm_loss_fn(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """K-wise ranking loss of a batch from `rm_batch`: one forward pass per real response (K per prompt), then
-    `kwise_ranking_loss` per group of equal K, weighted by the group's share of prompts (= mean over prompts)."""
-    import torch
-
-    from models.losses import kwise_ranking_loss
-
-    ids, mask, ranking, k = batch["input_ids"], batch["attention_mask"], batch["ranking"], batch["k"]
-    B, kmax, _ = ids.shape
-    valid = torch.arange(kmax, device=ids.device)[None, :] < k[:, None]  # (B, K_max)
-    r = model(ids[valid], mask[valid])  # (Σ K,) — exactly K forward passes per prompt
-    rewards = r.new_zeros((B, kmax))
-    rewards[valid] = r
-    loss = r.new_zeros(())
-    metrics: dict[str, Any] = {"accuracy": r.new_zeros(()), "margin": r.new_zeros(())}
-    for kk in sorted(set(k.tolist())):
-        rows = k == kk
-        group_loss, m = kwise_ranking_loss(rewards[rows, :kk], ranking[rows, :kk])
-        w = rows.sum() / B
-        loss = loss + w * group_loss
-        for name in metrics:
-            metrics[name] = metrics[name] + w * m[name]
-    metrics["reward_mean"] = r.detach().mean()
-    metrics["reward_std"] = r.detach().std() if r.numel() > 1 else r.new_zeros(())
-    return loss, metrics
-
-
-def reward_scores(model: Any, sequences: Sequence[list[int]], pad_id: int, batch_size: int = 64) -> list[float]:
-    """r(x, y) of token sequences (prompt + response + EOS) with a RewardModel, right-padded in batches."""
-    import torch
-
-    model.eval()
-    out: list[float] = []
-    with torch.no_grad():
-        for i in range(0, len(sequences), batch_size):
-            chunk = sequences[i:i + batch_size]
-            T = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), T), dtype=torch.long)
-            for j, s in enumerate(chunk):
-                ids[j, :len(s)] = torch.tensor(s)
-                mask[j, :len(s)] = 1
-            out.extend(model(ids, mask).tolist())
-    return out
-
-
-def fold_reward_offset(model: Any, offset: float) -> None:
-    """Make r'(x) = r(x) − offset for every input, inside the weights.
-
-    The head score(h) = w·h has no bias (GPT2ForSequenceClassification's layout), but h = LN_f(·) ends with the
-    final LayerNorm's bias β, which in a reward model feeds nothing but the head. β ← β − offset·w/‖w‖² gives
-    w·h' = w·h − offset exactly, for every position, in any framework that loads the weights.
-    """
-    import torch
-
-    with torch.no_grad():
-        w = model.score.weight[0]
-        model.transformer.ln_f.bias -= offset * w / w.dot(w)
 
 
 def normalisation_sequences(cfg: RMConfig, tokenizer: Any) -> list[list[int]]:
@@ -210,18 +119,6 @@ def _comparison_files(cfg: RMConfig) -> tuple[Path | None, Path | None]:
         held = (p if p.is_dir() else p.parent) / "heldout.parquet"
         held = held if held.is_file() and held != train else None
     return train, held
-
-
-def load_elements(path: Path, tokenizer: Any, max_tokens: int) -> tuple[list[Element], int]:
-    """Validated comparisons of `path`, tokenised; (elements, prompts dropped as too long)."""
-    elements, dropped = [], 0
-    for c in read_comparisons(path):
-        e = encode_comparison(tokenizer, c)
-        if max(len(s) for s in e[0]) > max_tokens:
-            dropped += 1
-            continue
-        elements.append(e)
-    return elements, dropped
 
 
 # --- driver ---------------------------------------------------------------------------------------------------
@@ -286,7 +183,7 @@ def train_loop(c: dict[str, Any]) -> None:
     """Per-worker loop on the shared engine; the objective is `rm_loss_fn`."""
     import torch
 
-    from jobs.engine import build_engine, init_worker
+    from cluster.train.engine import build_engine, init_worker
     from models.checkpoint import load_checkpoint, save_checkpoint
     from models.heads import RewardModel
 

@@ -3,7 +3,7 @@
 The task's labeler-approved demonstrations (prompt → response) are tokenised in the driver as
 prompt_ids + response_ids + [EOS]; the loss is next-token cross-entropy on the response tokens and the EOS only —
 the prompt is context, not something to imitate (`sft_batch` builds that mask, `models.losses.lm_loss` applies
-it). Training runs on the shared Ray Train + DeepSpeed engine (jobs/engine.py) with the paper's recipe scaled
+it). Training runs on the shared Ray Train + DeepSpeed engine (cluster/train/engine.py) with the paper's recipe scaled
 down: cosine learning-rate decay and residual dropout (InstructGPT §C: 16 epochs, dropout 0.2; the tiny default
 uses 0.1 for a few hundred steps — enough to move a 4-layer model without erasing what pretraining taught it).
 
@@ -20,22 +20,18 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from cluster.train.engine import CheckpointConfig, FailureConfig, FineTuneParallelConfig, OptimConfig, launch
 from jobs.cli import job_main
-from jobs.comparisons import check_policy
 from jobs.config import ConfigError, field
-from jobs.engine import CheckpointConfig, FailureConfig, OptimConfig, ParallelConfig, launch
-from jobs.tasks import TaskConfig, build_task
-from jobs.tasks.base import stable_unit
+from jobs.data.examples import Example, batch_indices, encode_example, rank_slice, sft_batch
+from jobs.data.tasks import TaskConfig, build_task
+from jobs.data.tasks.base import stable_unit
+from jobs.rlhf.checkpoints import check_policy
 from models.generation import SamplingParams
-
-Example = tuple[list[int], list[int]]  # (prompt ids, response ids ending with EOS)
 
 
 @dataclass
@@ -78,13 +74,6 @@ class SFTOptimConfig(OptimConfig):
 
 
 @dataclass
-class FineTuneParallelConfig(ParallelConfig):
-    """The engine's layout section defaulting to 2 data-parallel workers (one per core of the CPU default)."""
-
-    num_workers: int = field(2, help="Ray Train workers = torch.distributed world size (max when elastic)")
-
-
-@dataclass
 class SFTConfig:
     """Supervised fine-tuning of a pretrained checkpoint on the task's demonstrations (loss on responses only)."""
 
@@ -112,59 +101,6 @@ class SFTConfig:
 
 
 # --- data (pure, testable without Ray) -------------------------------------------------------------------------
-def encode_example(tokenizer: Any, prompt: str, response: str) -> Example:
-    """(prompt ids, response ids + [EOS]): the prompt and response are encoded separately, as generation sees
-    them (prompt tokens, then sampled tokens), and the response ends with EOS so the model learns to stop."""
-    return tokenizer.encode(prompt), [*tokenizer.encode(response), tokenizer.eos_id]
-
-
-def sft_batch(examples: Sequence[Example], pad_id: int, width: int | None = None) -> dict[str, Any]:
-    """Right-padded LM batch with a response-only loss mask.
-
-    For a sequence s = prompt + response (length L): input_ids = s[:-1], targets = s[1:], and
-    loss_mask[t] = 1 iff targets[t] is a response token (incl. EOS), i.e. t ≥ len(prompt) − 1.
-    Returns {"input_ids", "targets", "loss_mask"}: (B, T) tensors, T = max L − 1 (or `width`). Right padding
-    needs no attention mask: under causal attention real tokens never see the padding after them.
-    """
-    import torch
-
-    if not examples:
-        raise ValueError("examples: empty batch")
-    for i, (p, r) in enumerate(examples):
-        if not p or not r:
-            raise ValueError(f"examples[{i}]: empty prompt or response")
-    T = max(len(p) + len(r) for p, r in examples) - 1
-    if width is not None:
-        if width < T:
-            raise ValueError(f"width: {width} is shorter than the longest sequence ({T})")
-        T = width
-    ids = torch.full((len(examples), T + 1), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), T), dtype=torch.long)
-    for i, (p, r) in enumerate(examples):
-        seq = p + r
-        ids[i, :len(seq)] = torch.tensor(seq)
-        mask[i, len(p) - 1:len(seq) - 1] = 1
-    return {"input_ids": ids[:, :-1].contiguous(), "targets": ids[:, 1:].contiguous(), "loss_mask": mask}
-
-
-def batch_indices(n: int, step: int, global_batch: int, seed: int) -> list[int]:
-    """Example indices of optimizer step `step`: the step's slice of an endless stream of per-epoch
-    permutations of range(n) (permutation of epoch e = default_rng([seed, e])). A pure function of its
-    arguments, so a resumed run continues at exactly the same data position."""
-    out: list[int] = []
-    pos = step * global_batch
-    while len(out) < global_batch:
-        epoch, offset = divmod(pos, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        take = min(global_batch - len(out), n - offset)
-        out.extend(int(i) for i in perm[offset:offset + take])
-        pos += take
-    return out
-
-
-def rank_slice(indices: list[int], rank: int, rows_per_rank: int) -> list[int]:
-    """This data-parallel rank's contiguous rows of a global batch."""
-    return indices[rank * rows_per_rank:(rank + 1) * rows_per_rank]
 
 
 def prepare_demonstrations(cfg: SFTConfig, tokenizer: Any) -> tuple[list[Example], list[Example], dict[str, int]]:
@@ -202,7 +138,7 @@ def set_residual_dropout(model: Any, p: float) -> None:
 # --- driver ---------------------------------------------------------------------------------------------------
 def run(cfg: SFTConfig) -> dict[str, Any]:
     from cluster.runtime import init_ray
-    from jobs.evaluate import gold_of_checkpoint
+    from jobs.eval import gold_of_checkpoint
     from jobs.runs import start_run
     from models.checkpoint import read_config, tokenizer_path
     from models.tokenizer import Tokenizer
@@ -243,7 +179,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
 # --- worker ---------------------------------------------------------------------------------------------------
 def train_loop(c: dict[str, Any]) -> None:
     """Per-worker loop on the shared engine; the objective is the engine's LM loss with the response mask."""
-    from jobs.engine import build_engine, init_worker, lm_loss_fn, perplexity
+    from cluster.train.engine import build_engine, init_worker, lm_loss_fn, perplexity
     from models.checkpoint import load_checkpoint
 
     cfg: SFTConfig = c["cfg"]

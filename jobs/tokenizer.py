@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from jobs.cli import job_main
 from jobs.config import ConfigError, field
-from jobs.data import DEFAULT_VALIDATION_FRACTION, load_documents, split_documents
+from jobs.data.corpus import DEFAULT_VALIDATION_FRACTION, load_documents, split_documents
 
 
 @dataclass

@@ -58,7 +58,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from jobs.config import ConfigError, field
+from models.config import ConfigError, field
 
 Batch = dict[str, Tensor]
 LossFn = Callable[[Any, Batch], tuple[Tensor, dict[str, Tensor]]]
@@ -171,6 +171,13 @@ class ParallelConfig:
         if self.pipeline > cfg.n_layer:
             raise ConfigError(f"parallel.pipeline: {self.pipeline} stages but the model has only "
                               f"{cfg.n_layer} layers")
+
+
+@dataclass
+class FineTuneParallelConfig(ParallelConfig):
+    """The engine's layout section defaulting to 2 data-parallel workers (one per core of the CPU default)."""
+
+    num_workers: int = field(2, help="Ray Train workers = torch.distributed world size (max when elastic)")
 
 
 @dataclass
@@ -706,8 +713,8 @@ def launch(train_loop_per_worker: Callable[[dict[str, Any]], None], loop_config:
            parallel: ParallelConfig, run_dir: Path, max_failures: int, name: str = "trainer_state",
            keep: int = 2, progress_steps: int | None = None) -> Any:
     """Run `train_loop_per_worker(loop_config)` on Ray Train workers; returns the `ray.train.Result`.
-    Implemented in jobs/launch.py (the driver side: TorchTrainer, metrics.jsonl callback, progress bar)."""
-    from jobs.launch import launch as _launch
+    Implemented in cluster/train/launch.py (the driver side: TorchTrainer, metrics.jsonl callback, progress bar)."""
+    from cluster.train.launch import launch as _launch
 
     return _launch(train_loop_per_worker, loop_config, parallel, run_dir, max_failures, name=name, keep=keep,
                    progress_steps=progress_steps)

@@ -1,4 +1,4 @@
-"""Driver side of the training engine (jobs/engine.py): start the Ray Train run, turn the workers' reports
+"""Driver side of the training engine (cluster/train/engine.py): start the Ray Train run, turn the workers' reports
 into runs/<name>/metrics.jsonl, and show a progress bar.
 
 `launch` builds the `TorchTrainer`: the torch.distributed backend (cluster/distributed.py: FileStore rendezvous on
@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cluster.train.engine import ParallelConfig
 from jobs.config import ConfigError
-from jobs.engine import ParallelConfig
 
 
 def _single_node() -> bool:
@@ -41,7 +41,7 @@ def metrics_callback(run_dir: str) -> Any:
             self.last_step = -1
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            from jobs.runs import MetricsWriter
+            from cluster.metrics import MetricsWriter
 
             report = metrics[0] if metrics else {}
             rows = report.get("rows", [report] if "step" in report else [])

@@ -15,7 +15,7 @@ from actors.value import ValueSpec
 from cluster.deepspeed_engine import EngineSpec
 from cluster.placement import PlacementConfig, PlacementError, PlacementSpec
 from jobs.config import ConfigError, field
-from jobs.tasks import TaskConfig
+from jobs.data.tasks import TaskConfig
 from models.generation import SamplingParams
 
 

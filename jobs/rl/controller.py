@@ -35,11 +35,12 @@ from actors.base import RolloutMeta, ScoreMeta, derive_seed
 from actors.groups import PolicyGroup, PromptShard, ReferenceGroup, RewardGroup, RolloutGroup, ValueGroup
 from actors.policy import UpdateResult, WeightsInfo, n_steps
 from actors.rollout import Rollout, finalize
+from cluster.metrics import MetricsWriter, read_metrics
 from cluster.placement import create_pools, remove_pools
 from cluster.runtime import init_ray, is_embedded
 from jobs.config import ConfigError, to_dict
-from jobs.ppo_config import PPOJobConfig, RoleSpecs, abspath, parse_fault, role_specs
-from jobs.runs import MetricsWriter, read_metrics, start_run
+from jobs.rl.config import PPOJobConfig, RoleSpecs, abspath, parse_fault, role_specs
+from jobs.runs import start_run
 from models.advantages import AdaptiveKLController, FixedKLController
 
 # Config fields that shape the trajectory: a resumed run must not change them (iterations, timeouts, faults,
@@ -121,7 +122,7 @@ class Controller:
     """Owns the groups, the KL controller, checkpoints and metrics. Used as a context manager by `jobs/ppo.run`."""
 
     def __init__(self, cfg: PPOJobConfig) -> None:
-        from jobs.ppo_data import PromptSet, check_checkpoints, gold_function, load_tokenizer, ptx_dataset
+        from jobs.rl.inputs import PromptSet, check_checkpoints, gold_function, load_tokenizer, ptx_dataset
 
         self.cfg = cfg
         check_checkpoints(cfg)
@@ -455,7 +456,7 @@ class Controller:
 
     def finish(self) -> dict[str, Any]:
         """Export the final policy as an HF checkpoint, evaluate on held-out prompts, write the report."""
-        from jobs.ppo_eval import export_policy, heldout_eval, write_report
+        from jobs.rl.final import export_policy, heldout_eval, write_report
 
         checkpoint = export_policy(self.policy.get(self.policy.weights()), self.cfg, self.run_dir / "checkpoint",
                                    self.tokenizer_path)

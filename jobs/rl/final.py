@@ -26,9 +26,9 @@ from actors.base import (
 )
 from actors.base import sample_rollout as _sample
 from actors.reward import decode_rollout
-from jobs.ppo_config import PPOJobConfig, abspath
-from jobs.ppo_data import GoldFn, PromptSet
-from jobs.runs import read_metrics
+from cluster.metrics import read_metrics
+from jobs.rl.config import PPOJobConfig, abspath
+from jobs.rl.inputs import GoldFn, PromptSet
 from models.checkpoint import read_config, save_checkpoint
 from models.gpt import GPT
 

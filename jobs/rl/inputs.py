@@ -10,14 +10,14 @@ from typing import Any
 
 from actors.reward import import_function
 from jobs.config import ConfigError
-from jobs.ppo_config import PPOJobConfig, abspath
+from jobs.rl.config import PPOJobConfig, abspath
 from models.checkpoint import CheckpointError, read_config
 
 GoldFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
 def load_task(cfg: PPOJobConfig) -> Any:
-    from jobs.tasks import TaskError, build_task
+    from jobs.data.tasks import TaskError, build_task
 
     try:
         return build_task(cfg.task)
@@ -124,7 +124,8 @@ def ptx_dataset(cfg: PPOJobConfig, tok: Any) -> Any:
     """The PPO-ptx pretraining stream (train split of a prepared dataset), or None when ptx.coef is 0."""
     if cfg.ptx.coef <= 0:
         return None
-    from jobs.data import DataError, TokenDataset
+    from jobs.data.corpus import DataError
+    from jobs.data.tokens import TokenDataset
 
     model = model_config(cfg.policy, "policy")
     if cfg.ptx.block_size > model.n_ctx:

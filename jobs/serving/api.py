@@ -48,7 +48,7 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Job:
-    """One completion request, already type- and range-checked by the ingress (jobs/serve_api.py)."""
+    """One completion request, already type- and range-checked by the ingress (jobs/serving/api.py)."""
 
     prompts: list[str] | list[list[int]]  # text prompts or token-id prompts
     n: int = 1  # choices per prompt; choice index = prompt_index * n + j

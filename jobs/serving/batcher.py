@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.serve_api import ChoiceDelta, Job, RequestError
+from jobs.serving.api import ChoiceDelta, Job, RequestError
 from models.checkpoint import load_checkpoint, tokenizer_path
 from models.generation import SamplingParams, left_pad, stream, tempered
 from models.gpt import GPT

@@ -31,7 +31,7 @@ from ray.serve.exceptions import ReplicaUnavailableError
 from starlette.exceptions import HTTPException
 
 from jobs.config import field
-from jobs.serve_api import (
+from jobs.serving.api import (
     ApiError,
     ChatRequest,
     ChoiceDelta,
@@ -113,7 +113,7 @@ class ModelServer:
         bind_replica_grpc_to_loopback()
         import torch  # here, not at the top: the ingress replicas never need torch (~250 MB each)
 
-        from jobs.serve_engine import Engine
+        from jobs.serving.batcher import Engine
 
         torch.set_num_threads(max(1, torch_threads))
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"

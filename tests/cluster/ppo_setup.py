@@ -18,7 +18,8 @@ PROMPTS = [
 
 def build_artifacts(root: Path, preset: str = "nano", vocab_size: int = 512, seed: int = 0) -> dict[str, Any]:
     """tokenizer.json, sft/ (policy + reference), rm/ (reward model), prompts.txt, ptx/ (dataset) under `root`."""
-    from jobs.data import load_texts, prepare
+    from jobs.data.corpus import load_texts
+    from jobs.data.tokens import prepare
     from models.checkpoint import save_checkpoint
     from models.config import GPTConfig
     from models.gpt import GPT
@@ -74,7 +75,7 @@ def build_gold_artifacts(root: Path, vocab_size: int = 2048, steps: int = 200, s
     the test needs for the labeler's score to vary between samples."""
     import numpy as np
 
-    from jobs.data import load_texts
+    from jobs.data.corpus import load_texts
     from models.checkpoint import save_checkpoint
     from models.config import GPTConfig
     from models.gpt import GPT

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 import torch
 
+from cluster.metrics import read_metrics
 from jobs.config import from_dict
 from jobs.ppo import run
-from jobs.ppo_config import PPOJobConfig
-from jobs.runs import read_metrics
+from jobs.rl.config import PPOJobConfig
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,8 @@ def test_ppo_raises_the_gold_score_over_sft_on_heldout_prompts(ray_session, tmp_
     art = build_gold_artifacts(tmp_path_factory.mktemp("ppo-gold"))
     cfg = from_dict(PPOJobConfig, {
         "name": "gold", "runs_root": str(runs_root), "seed": 0, "iterations": 16, "batch_size": 64,
-        "policy": art["sft"], "reward_model": None, "reward_function": "jobs.tasks.positive_verse:PositiveVerseTask",
+        "policy": art["sft"], "reward_model": None,
+        "reward_function": "jobs.data.tasks.positive_verse:PositiveVerseTask",
         "gold": "task", "sampling": {"max_new_tokens": 10}, "kl": {"init_beta": 0.05}, "ptx": {"coef": 0.0},
         "ppo": {"epochs": 4, "minibatch_size": 16, "policy_lr": 2e-3, "value_lr": 2e-3},
         "prompts": {"source": "task", "eval_size": 64}, "placement": {"cpus_per_worker": 0.25},

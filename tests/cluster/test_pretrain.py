@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 
+from cluster.metrics import read_metrics
 from jobs.config import load_config
-from jobs.data import TokenDataset, prepare
+from jobs.data.tokens import TokenDataset, prepare
 from jobs.pretrain import PretrainConfig, run
-from jobs.runs import read_metrics
 from models.checkpoint import load_checkpoint
 from models.config import GPTConfig
 from models.gpt import GPT
@@ -50,7 +50,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from jobs.data import load_texts
+    from jobs.data.corpus import load_texts
     from models.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("data")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.runs import read_metrics
+from cluster.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from jobs.data import load_texts, prepare
+    from jobs.data.corpus import load_texts
+    from jobs.data.tokens import prepare
     from models.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("data")

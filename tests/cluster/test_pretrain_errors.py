@@ -11,7 +11,8 @@ from jobs import pretrain
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from jobs.data import load_texts, prepare
+    from jobs.data.corpus import load_texts
+    from jobs.data.tokens import prepare
     from models.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("data")

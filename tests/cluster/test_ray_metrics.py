@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from cluster.ray_metrics import metric_name, publish
+from cluster.metrics import metric_name, publish
 from cluster.runtime import init_ray, shutdown_ray
 
 pytestmark = pytest.mark.slow

@@ -56,7 +56,7 @@ def server(ckpts: dict[str, Path]):
 
     from cluster.runtime import init_ray, shutdown_ray
     from jobs.config import from_dict
-    from jobs.serve import ServeConfig, build_app
+    from jobs.serving.app import ServeConfig, build_app
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -31,7 +31,7 @@ VOCAB = 2048
 
 def pretrain_tiny(out: Path, steps: int = PRETRAIN_STEPS, seed: int = 0) -> Path:
     """A quick single-process pretraining of the tiny preset on the held-in Shakespeare plays → checkpoint dir."""
-    from jobs.data import load_documents, split_documents
+    from jobs.data.corpus import load_documents, split_documents
     from models.checkpoint import save_checkpoint
     from models.config import GPTConfig
     from models.gpt import GPT
@@ -71,7 +71,8 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> dict:
-    from jobs import evaluate, rm, sft
+    from jobs import eval as evaluate
+    from jobs import rm, sft
 
     root = tmp_path_factory.mktemp("runs")
     t0 = time.perf_counter()
@@ -132,7 +133,7 @@ def test_eval_reports_gold_proxy_win_rate_and_accuracy(pipeline: dict) -> None:
 
 def test_checkpoints_load_in_transformers(pipeline: dict) -> None:
     transformers = pytest.importorskip("transformers")
-    from jobs.evaluate import proxy_scores
+    from jobs.rlhf.evaluation import proxy_scores
     from models.checkpoint import load_checkpoint
     from models.tokenizer import Tokenizer
 

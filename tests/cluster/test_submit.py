@@ -128,7 +128,7 @@ def test_raygpt_submit_runs_job_and_writes_artifacts(head, tmp_path):
 
 
 def test_plain_ray_job_submit_with_working_dir(head, tmp_path):
-    from jobs.data import load_texts
+    from jobs.data.corpus import load_texts
     from models.tokenizer import Tokenizer
 
     tok_path = Tokenizer.train(load_texts("pydoc"), vocab_size=300).save(tmp_path / "tokenizer.json")

@@ -12,9 +12,9 @@ import pytest
 import ray.cloudpickle
 import yaml
 
+from cluster.metrics import MetricsWriter
 from jobs.cli import ResolvedJob
 from jobs.config import ConfigError, field, from_dict, load_config
-from jobs.runs import MetricsWriter
 from jobs.tune import TuneJobConfig, check, parse_spec, sweep
 
 

@@ -1,4 +1,4 @@
-"""Corpus, document split, Parquet shards and the TokenDataset reader (jobs/data.py)."""
+"""Corpus, document split, Parquet shards and the TokenDataset reader (jobs/data/)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.data import (
-    SCHEMA,
-    DataError,
-    Document,
-    TokenDataset,
-    load_documents,
-    load_texts,
-    parse_play,
-    prepare,
-    split_documents,
-    verse_lines,
-)
+from jobs.data.corpus import DataError, Document, load_documents, load_texts, parse_play, split_documents, verse_lines
+from jobs.data.tokens import SCHEMA, TokenDataset, prepare
 from models.tokenizer import Tokenizer
 
 

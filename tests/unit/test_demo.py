@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from cluster.metrics import MetricsWriter
 from jobs import demo
 from jobs.config import load_config
 from jobs.report import ReportError, write_report
-from jobs.runs import MetricsWriter
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -19,7 +19,7 @@ from actors.base import sample_rollout, weights_checksum
 from actors.policy import WeightsInfo
 from actors.reward import decode_rollout
 from actors.rollout import Rollout, RolloutError, finalize
-from jobs.ppo_runtime import StaleWeightsError, check_weights, prompt_order
+from jobs.rl.controller import StaleWeightsError, check_weights, prompt_order
 from models.config import GPTConfig
 from models.generation import SamplingParams
 from models.gpt import GPT

@@ -7,7 +7,7 @@ import pytest
 
 from cluster.placement import PlacementConfig, PlacementError, PoolSpec, RoleSpec, colocated, disaggregated
 from jobs.config import ConfigError, from_dict
-from jobs.ppo_config import PPOJobConfig, plan
+from jobs.rl.config import PPOJobConfig, plan
 
 FOUR = {"policy": 2, "reference": 1, "reward": 1, "value": 2, "rollout": 0}
 

@@ -1,4 +1,4 @@
-"""The serving engine and HTTP schema without Ray (jobs/serve_engine.py, jobs/serve_api.py, jobs/serve.py config).
+"""The serving engine and HTTP schema without Ray (jobs/serving/batcher.py, jobs/serving/api.py, jobs/serve.py config).
 
 Reference for every completion: `models.generation.generate` on one prompt alone (batch of 1) with the choice's
 seed, cut at EOS and at the first stop sequence — written here naively, independent of the engine's incremental
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from jobs.config import ConfigError, from_dict
-from jobs.serve_api import ApiError, ChatRequest, CompletionRequest, Job, RequestError, chat_prompt, parse
-from jobs.serve_engine import Engine, _Row, pack_rows
+from jobs.serving.api import ApiError, ChatRequest, CompletionRequest, Job, RequestError, chat_prompt, parse
+from jobs.serving.batcher import Engine, _Row, pack_rows
 from models.checkpoint import save_checkpoint
 from models.config import GPTConfig
 from models.generation import SamplingParams, generate
@@ -180,7 +180,7 @@ def _ckpt(path: Path, tok: Tokenizer) -> Path:
 
 
 def test_model_names_and_bad_checkpoints(tmp_path: Path, tok: Tokenizer) -> None:
-    from jobs.serve import model_specs
+    from jobs.serving.app import model_specs
 
     a = _ckpt(tmp_path / "runs" / "sft" / "checkpoint", tok)
     b = _ckpt(tmp_path / "other", tok)
@@ -195,7 +195,7 @@ def test_model_names_and_bad_checkpoints(tmp_path: Path, tok: Tokenizer) -> None
 def test_config_validation_and_api_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
-    from jobs.serve import ServeConfig, api_key_sha256
+    from jobs.serving.app import ServeConfig, api_key_sha256
 
     with pytest.raises(ConfigError, match="^limits.max_choices"):
         from_dict(ServeConfig, {"batching": {"max_batch_size": 4}, "limits": {"max_choices": 8}})
@@ -220,7 +220,7 @@ def test_build_app_one_deployment_per_model_with_the_configured_scaling(tmp_path
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
-    from jobs.serve import ServeConfig, build_app
+    from jobs.serving.app import ServeConfig, build_app
 
     a, b = _ckpt(tmp_path / "a", tok), _ckpt(tmp_path / "b", tok)
     monkeypatch.setenv("RAYGPT_API_KEY", "k3")
@@ -276,7 +276,7 @@ class _Handle:
 def _ingress(handle: _Handle, **limits: object):  # noqa: ANN202
     import dataclasses
 
-    from jobs.serve_deployments import IngressServer, LimitsConfig
+    from jobs.serving.deployments import IngressServer, LimitsConfig
 
     return IngressServer({"m": handle}, dataclasses.asdict(LimitsConfig(**limits)), None, None)
 
@@ -294,7 +294,7 @@ def test_ingress_answers_408_at_the_deadline_and_cancels_the_request() -> None:
 def test_ingress_resends_when_the_replica_died_and_gives_up_after_the_retries() -> None:
     from ray.exceptions import ActorDiedError
 
-    from jobs.serve_deployments import Reply
+    from jobs.serving.deployments import Reply
 
     ok = Reply(prompt_tokens=3)
     handle = _Handle(ActorDiedError(), ActorDiedError(), ok)

@@ -10,7 +10,7 @@ import pytest
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from jobs.config import ConfigError, from_dict
-from jobs.tasks import (
+from jobs.data.tasks import (
     LabelledTask,
     PositiveVerseTask,
     TaskConfig,
@@ -18,7 +18,7 @@ from jobs.tasks import (
     build_task,
     rank_by_scores,
 )
-from jobs.tasks.positive_verse import split_lines
+from jobs.data.tasks.positive_verse import split_lines
 
 SPEECHES = [
     "O happy dagger, this is thy sheath; there rust,\nAnd let me die in sweet and gentle peace.\n\n"
@@ -115,12 +115,12 @@ def test_task_config_and_plugins(tmp_path: Path) -> None:
         from_dict(TaskConfig, {"name": "nope"})
     with pytest.raises(ConfigError, match="data"):
         from_dict(TaskConfig, {"name": "labelled"})
-    cfg = from_dict(TaskConfig, {"name": "jobs.tasks.positive_verse:PositiveVerseTask",
+    cfg = from_dict(TaskConfig, {"name": "jobs.data.tasks.positive_verse:PositiveVerseTask",
                                  "options": {"prompt_words": 2}})
     task = build_task(cfg)
     assert isinstance(task, PositiveVerseTask) and task.prompt_words == 2
     with pytest.raises(TaskError, match="not a subclass"):
-        build_task(from_dict(TaskConfig, {"name": "jobs.tasks.positive_verse:VaderLabeler"}))
+        build_task(from_dict(TaskConfig, {"name": "jobs.data.tasks.positive_verse:VaderLabeler"}))
     with pytest.raises(TaskError, match="cannot import"):
         build_task(from_dict(TaskConfig, {"name": "no_such_module:Task"}))
 
@@ -150,7 +150,7 @@ def test_embedded_shakespeare_prompts() -> None:
 
 
 def test_prompt_formats_contexts_and_scores() -> None:
-    from jobs.tasks.formats import BUILTIN, PromptFormat, resolve_formats, token_f1
+    from jobs.data.tasks.formats import BUILTIN, PromptFormat, resolve_formats, token_f1
 
     qa = BUILTIN["qa"]
     assert qa.context(0, 0) == "Q: Who is the Prince of Denmark?\nA:"
@@ -171,7 +171,7 @@ def test_prompt_formats_contexts_and_scores() -> None:
 
 
 def test_user_prompt_formats_file(tmp_path: Path) -> None:
-    from jobs.tasks.formats import resolve_formats
+    from jobs.data.tasks.formats import resolve_formats
 
     f = tmp_path / "formats.json"
     f.write_text(json.dumps([{"name": "opposite", "template": "{input} is the opposite of{target}",

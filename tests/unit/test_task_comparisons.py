@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.comparisons import GenerateSection, label_shard
 from jobs.config import ConfigError, from_dict
-from jobs.tasks import Comparison, ComparisonsError, TaskConfig, read_comparisons, write_comparisons
+from jobs.data.tasks import Comparison, ComparisonsError, TaskConfig, read_comparisons, write_comparisons
+from jobs.rlhf.sampling import GenerateSection, label_shard
 from models.generation import SamplingParams
 
 GOOD = {"prompt": "My heart", "responses": [" is glad", " is sad", " is here"], "ranking": [0, 2, 1]}
@@ -130,7 +130,7 @@ def test_label_shard_ranks_by_labeler_and_ignores_sharding(tmp_path: Path, nano_
 
 
 def test_sample_responses_uses_one_seed_per_row(nano_checkpoint: Path) -> None:
-    from jobs.comparisons import sample_responses
+    from jobs.rlhf.sampling import sample_responses
     from models.checkpoint import load_checkpoint, tokenizer_path
     from models.tokenizer import Tokenizer
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jobs.engine import lm_loss_fn
-from jobs.rm import fold_reward_offset, reward_scores, rm_batch, rm_loss_fn
-from jobs.sft import batch_indices, encode_example, rank_slice, sft_batch
+from cluster.train.engine import lm_loss_fn
+from jobs.data.examples import batch_indices, encode_example, rank_slice, rm_batch, sft_batch
+from jobs.rlhf.reward_model import fold_reward_offset, reward_scores, rm_loss_fn
 from models.config import GPTConfig
 from models.gpt import GPT
 from models.heads import RewardModel

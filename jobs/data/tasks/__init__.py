@@ -1,4 +1,4 @@
-"""RLHF tasks: a prompt distribution + a labeler (see `jobs.tasks.base.Task`).
+"""RLHF tasks: a prompt distribution + a labeler (see `jobs.data.tasks.base.Task`).
 
 Built-in tasks, chosen by `TaskConfig.name`:
 - "positive-verse" (default): continue a line of Shakespeare so it reads positive; labeler = VADER.
@@ -12,11 +12,12 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from jobs.data.tasks.base import Demonstration, Split, Task, TaskError, rank_by_scores
+from jobs.data.tasks.labelled import Comparison, ComparisonsError, LabelledTask, read_comparisons, write_comparisons
+from jobs.data.tasks.positive_verse import PositiveVerseTask, VaderLabeler
+
 from jobs.config import ConfigError, field
-from jobs.data import DEFAULT_VALIDATION_FRACTION
-from jobs.tasks.base import Demonstration, Split, Task, TaskError, rank_by_scores
-from jobs.tasks.labelled import Comparison, ComparisonsError, LabelledTask, read_comparisons, write_comparisons
-from jobs.tasks.positive_verse import PositiveVerseTask, VaderLabeler
+from jobs.data.corpus import DEFAULT_VALIDATION_FRACTION
 
 __all__ = [
     "Comparison", "ComparisonsError", "Demonstration", "LabelledTask", "PositiveVerseTask", "Split", "Task",
@@ -63,5 +64,5 @@ def build_task(cfg: TaskConfig) -> Task:
     except (ImportError, AttributeError) as e:
         raise TaskError(f"task.name: cannot import {cfg.name!r} ({e})") from None
     if not (isinstance(cls, type) and issubclass(cls, Task)):
-        raise TaskError(f"task.name: {cfg.name!r} is not a subclass of jobs.tasks.Task")
+        raise TaskError(f"task.name: {cfg.name!r} is not a subclass of jobs.data.tasks.Task")
     return cls(**cfg.options)

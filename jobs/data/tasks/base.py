@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from jobs.data import DataError
+from jobs.data.corpus import DataError
 
 Split = Literal["train", "heldout"]
 SPLITS: tuple[str, ...] = ("train", "heldout")
@@ -67,7 +67,7 @@ def rank_by_scores(prompt: str, responses: Sequence[str], scores: Sequence[float
 
 class Task(ABC):
     """A prompt distribution plus a (simulated or recorded) human labeler. Subclass it to plug in a task; see
-    `jobs.tasks.build_task` for how a config names one (`module.path:ClassName`)."""
+    `jobs.data.tasks.build_task` for how a config names one (`module.path:ClassName`)."""
 
     name: str = "task"
 

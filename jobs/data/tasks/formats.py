@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.tasks.base import TaskError
+from jobs.data.tasks.base import TaskError
 
 INPUT, TARGET = "{input}", "{target}"
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from jobs.data.tasks.base import Demonstration, Split, Task, TaskError, check_split, heldout_prompt
 
-from jobs.data import DataError
-from jobs.tasks.base import Demonstration, Split, Task, TaskError, check_split, heldout_prompt
+from jobs.data.corpus import DataError
 
 REQUIRED_COLUMNS = ("prompt", "responses", "ranking")
 SCHEMA = pa.schema([

@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
-from jobs.data import DEFAULT_VALIDATION_FRACTION, load_documents, split_documents
-from jobs.tasks.base import Demonstration, Split, Task, TaskError, check_split, heldout_prompt
+from jobs.data.tasks.base import Demonstration, Split, Task, TaskError, check_split, heldout_prompt
+
+from jobs.data.corpus import DEFAULT_VALIDATION_FRACTION, load_documents, split_documents
 
 
 class VaderLabeler:

@@ -1,0 +1,72 @@
+"""The reward model's objective and scoring (InstructGPT §3.5 "Reward modeling"): the K-wise ranking loss of a
+batch, r(x, y) of token sequences, and the normalisation folded into the weights."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from models.losses import kwise_ranking_loss
+
+REWARD_INPUT = "prompt_ids + response_ids + [eos_id]; reward read at the final EOS"
+
+
+
+def rm_loss_fn(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """K-wise ranking loss of a batch from `rm_batch`: one forward pass per real response (K per prompt), then
+    `kwise_ranking_loss` per group of equal K, weighted by the group's share of prompts (= mean over prompts)."""
+
+
+    ids, mask, ranking, k = batch["input_ids"], batch["attention_mask"], batch["ranking"], batch["k"]
+    B, kmax, _ = ids.shape
+    valid = torch.arange(kmax, device=ids.device)[None, :] < k[:, None]  # (B, K_max)
+    r = model(ids[valid], mask[valid])  # (Σ K,) — exactly K forward passes per prompt
+    rewards = r.new_zeros((B, kmax))
+    rewards[valid] = r
+    loss = r.new_zeros(())
+    metrics: dict[str, Any] = {"accuracy": r.new_zeros(()), "margin": r.new_zeros(())}
+    for kk in sorted(set(k.tolist())):
+        rows = k == kk
+        group_loss, m = kwise_ranking_loss(rewards[rows, :kk], ranking[rows, :kk])
+        w = rows.sum() / B
+        loss = loss + w * group_loss
+        for name in metrics:
+            metrics[name] = metrics[name] + w * m[name]
+    metrics["reward_mean"] = r.detach().mean()
+    metrics["reward_std"] = r.detach().std() if r.numel() > 1 else r.new_zeros(())
+    return loss, metrics
+
+
+
+def reward_scores(model: Any, sequences: Sequence[list[int]], pad_id: int, batch_size: int = 64) -> list[float]:
+    """r(x, y) of token sequences (prompt + response + EOS) with a RewardModel, right-padded in batches."""
+
+    model.eval()
+    out: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(sequences), batch_size):
+            chunk = sequences[i:i + batch_size]
+            T = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), T), dtype=torch.long)
+            for j, s in enumerate(chunk):
+                ids[j, :len(s)] = torch.tensor(s)
+                mask[j, :len(s)] = 1
+            out.extend(model(ids, mask).tolist())
+    return out
+
+
+
+def fold_reward_offset(model: Any, offset: float) -> None:
+    """Make r'(x) = r(x) − offset for every input, inside the weights.
+
+    The head score(h) = w·h has no bias (GPT2ForSequenceClassification's layout), but h = LN_f(·) ends with the
+    final LayerNorm's bias β, which in a reward model feeds nothing but the head. β ← β − offset·w/‖w‖² gives
+    w·h' = w·h − offset exactly, for every position, in any framework that loads the weights.
+    """
+
+    with torch.no_grad():
+        w = model.score.weight[0]
+        model.transformer.ln_f.bias -= offset * w / w.dot(w)
