@@ -103,7 +103,7 @@ def pack_rows(rows: Sequence[_Row], n_ctx: int) -> list[list[_Row]]:
     return bins
 
 
-class Engine:
+class Batcher:
     """A loaded checkpoint + tokenizer that turns batches of `Job`s into streams of `ChoiceDelta`s."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, name: str = "model", max_rows: int = 64) -> None:
@@ -116,7 +116,7 @@ class Engine:
         self.max_rows = max_rows  # sampler rows per sub-batch (memory bound of the KV cache)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, name: str, max_rows: int = 64, device: str = "cpu") -> Engine:
+    def from_checkpoint(cls, path: str | Path, name: str, max_rows: int = 64, device: str = "cpu") -> Batcher:
         model = load_checkpoint(path, kind="lm").to(device)
         return cls(model, Tokenizer.from_file(tokenizer_path(path)), name, max_rows)  # type: ignore[arg-type]
 

@@ -113,12 +113,12 @@ class ModelServer:
         bind_replica_grpc_to_loopback()
         import torch  # here, not at the top: the ingress replicas never need torch (~250 MB each)
 
-        from jobs.serving.batcher import Engine
+        from jobs.serving.batcher import Batcher
 
         torch.set_num_threads(max(1, torch_threads))
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.max_rows = batching["max_batch_size"]
-        self.engine = Engine.from_checkpoint(path, name, max_rows=self.max_rows, device=device)
+        self.engine = Batcher.from_checkpoint(path, name, max_rows=self.max_rows, device=device)
         self._enqueue.set_max_batch_size(self.max_rows)
         self._enqueue.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
         self._pending: deque[tuple[Item, asyncio.Queue]] = deque()

@@ -18,7 +18,7 @@ import torch
 
 from jobs.config import ConfigError, from_dict
 from jobs.serving.api import ApiError, ChatRequest, CompletionRequest, Job, RequestError, chat_prompt, parse
-from jobs.serving.batcher import Engine, _Row, pack_rows
+from jobs.serving.batcher import Batcher, _Row, pack_rows
 from models.checkpoint import save_checkpoint
 from models.config import GPTConfig
 from models.generation import SamplingParams, generate
@@ -34,12 +34,12 @@ def tok() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def engine(tok: Tokenizer) -> Engine:
+def engine(tok: Tokenizer) -> Batcher:
     torch.manual_seed(0)
-    return Engine(GPT(GPTConfig.from_name("nano", vocab_size=tok.vocab_size)), tok, "nano", max_rows=4)
+    return Batcher(GPT(GPTConfig.from_name("nano", vocab_size=tok.vocab_size)), tok, "nano", max_rows=4)
 
 
-def reference(engine: Engine, prompt: str | list[int], seed: int, job: Job
+def reference(engine: Batcher, prompt: str | list[int], seed: int, job: Job
               ) -> tuple[str, list[int], list[float], str]:
     ids = engine.tok.encode(prompt) if isinstance(prompt, str) else prompt
     g = generate(engine.model, [ids], SamplingParams(max_new_tokens=job.max_tokens, temperature=job.temperature,
@@ -64,11 +64,11 @@ JOBS = [
 
 
 @pytest.fixture(scope="module")
-def together(engine: Engine) -> list:
+def together(engine: Batcher) -> list:
     return engine.run(JOBS)
 
 
-def test_batched_jobs_equal_each_job_alone_and_the_reference(engine: Engine, together: list) -> None:
+def test_batched_jobs_equal_each_job_alone_and_the_reference(engine: Batcher, together: list) -> None:
     for job, choices in zip(JOBS, together):
         assert [c.index for c in choices] == list(range(len(job.prompts) * job.n))
         alone = engine.run([job])[0]
@@ -85,7 +85,7 @@ def test_batched_jobs_equal_each_job_alone_and_the_reference(engine: Engine, tog
     assert max(c.batch_rows for cs in together for c in cs) == sum(len(j.prompts) * j.n for j in JOBS)
 
 
-def test_stream_deltas_concatenate_to_the_full_completion(engine: Engine, together: list) -> None:
+def test_stream_deltas_concatenate_to_the_full_completion(engine: Batcher, together: list) -> None:
     acc: list[dict[int, list]] = [{} for _ in JOBS]
     ended = [False] * len(JOBS)
     for out in engine.steps(JOBS):
@@ -105,7 +105,7 @@ def test_stream_deltas_concatenate_to_the_full_completion(engine: Engine, togeth
             assert (text, ids, finish) == (c.text, c.token_ids, [c.finish_reason])
 
 
-def test_top_logprobs_agree_with_the_sampler(engine: Engine) -> None:
+def test_top_logprobs_agree_with_the_sampler(engine: Batcher) -> None:
     job = Job(["Once"], max_tokens=10, temperature=0.0, logprobs=3)
     c = engine.run([job])[0][0]
     top = engine.top_logprobs(engine.tok.encode("Once"), c.token_ids, 3, 0.0)
@@ -133,7 +133,7 @@ def test_pack_rows_fits_every_sub_batch_in_the_context() -> None:
     ([[]], 4, "prompt"), ([[5, 600]], 4, "prompt"), ([[-1]], 4, "prompt"), ([[1] * 64], 1, "prompt"),
     ([[1] * 40], 30, "max_tokens"), (["ok", [1] * 70], 1, "prompt[1]"),
 ])
-def test_prompts_the_model_cannot_serve_name_the_field(engine: Engine, prompt: list, max_tokens: int,
+def test_prompts_the_model_cannot_serve_name_the_field(engine: Batcher, prompt: list, max_tokens: int,
                                                         param: str) -> None:
     with pytest.raises(RequestError) as e:
         engine.tokenize(Job(prompt, max_tokens=max_tokens))
