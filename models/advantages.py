@@ -9,10 +9,20 @@ References
 - Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", §2.2 (KL reward, adaptive β).
 - GAE: Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation", eq. 16.
 - KL estimators k1/k2/k3: Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html.
+- GRPO: Shao et al. 2024, "DeepSeekMath", §4.1.2; Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like
+  Training: A Critical Perspective", §3.1.
+- RLOO: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+  Feedback in LLMs", §3; Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!".
+- REINFORCE++: Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models", §3.
+
+Estimators are selected by name through `ADVANTAGE_ESTIMATORS` / `compute_advantages` ("gae" | "grpo" | "rloo" |
+"reinforce_pp"), each formula written once below.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -128,6 +138,220 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     if not shift_mean:
         out = out + mean
     return torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+# --- critic-free estimators (one advantage per response, from a group of G responses per prompt) ----------------
+#
+# Group layout, used by every group estimator and by whoever samples: rows [g·G, (g+1)·G) of the batch are the G
+# responses to prompt g (the sampler repeats each prompt G times consecutively, so a (B,) tensor viewed as
+# (B/G, G) puts one prompt's group on one row). B must be a multiple of G and G >= 2 (a group of one has no
+# baseline).
+
+GroupScale = Literal["group", "batch", "none"]
+GROUP_SCALES: tuple[str, ...] = ("group", "batch", "none")
+
+
+def check_group_size(group_size: int, batch: int | None = None) -> None:
+    """Raise ValueError naming `group_size` unless it is an integer >= 2 (and divides `batch`, when given)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(
+            f"group_size: a group estimator compares responses to the same prompt and needs an integer >= 2, "
+            f"got {group_size!r}"
+        )
+    if batch is not None and batch % group_size:
+        raise ValueError(
+            f"group_size: a batch of {batch} responses is not a whole number of groups of {group_size} "
+            "(rows [g·G, (g+1)·G) are prompt g's group)"
+        )
+
+
+def sequence_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """R = score − β·Σ_t KL_t per response: `per_token_rewards` summed over the response. (B,), (B, T), (B, T) → (B,).
+
+    The KL-in-reward sequence objective (Ziegler et al. 2019 §2.2) as the critic-free estimators consume it; RLOO's
+    paper and TRL's RLOOTrainer use it with the k1 estimator (Ahmadian et al. 2024 §3). β = 0 gives the score.
+    """
+    return per_token_rewards(score, kl, mask, beta).sum(dim=-1)
+
+
+def _group_std(grouped: torch.Tensor) -> torch.Tensor:
+    """Unbiased (Bessel) standard deviation along the last axis, as TRL's `nanstd` and Shao et al.'s std."""
+    return grouped.std(dim=-1, unbiased=True, keepdim=True)
+
+
+def grpo_advantages(
+    rewards: torch.Tensor, group_size: int, scale: GroupScale = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """GRPO outcome advantage: Â_i = (R_i − mean(R_group)) / (std + eps). rewards (B,) → (B,).
+
+    Shao et al. 2024 (DeepSeekMath) §4.1.2 "outcome supervision": every token of response i gets Â_i.
+    scale: "group" = divide by the group's std (GRPO); "none" = keep the mean-centred reward (Dr. GRPO, Liu et al.
+    2025 §3.1: the std divide up-weights prompts that are too easy or too hard); "batch" = divide by the std of
+    all B rewards (TRL's scale_rewards="batch"). std is unbiased; eps = 1e-4 as TRL's GRPOTrainer (a group whose
+    rewards are all equal gets Â = 0, not NaN). Group layout: see the section comment above.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards: expected one reward per response (B,), got {tuple(rewards.shape)}")
+    check_group_size(group_size, rewards.shape[0])
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"scale: unknown reward scaling {scale!r}; expected one of {GROUP_SCALES}")
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=-1, keepdim=True)
+    if scale == "group":
+        centred = centred / (_group_std(grouped) + eps)
+    elif scale == "batch":
+        centred = centred / (_group_std(rewards.view(1, -1)) + eps)
+    return centred.reshape(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE Leave-One-Out (Ahmadian et al. 2024, §3, eq. 6; Kool et al. 2019): Â_i = R_i − (1/(G−1))·Σ_{j≠i} R_j.
+
+    The baseline of response i is the mean reward of its G−1 siblings, so it does not depend on R_i (the estimator
+    stays unbiased). Equivalently Â_i = G/(G−1)·(R_i − mean(R_group)). rewards (B,) → (B,); group layout above.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards: expected one reward per response (B,), got {tuple(rewards.shape)}")
+    check_group_size(group_size, rewards.shape[0])
+    grouped = rewards.view(-1, group_size)
+    baseline = (grouped.sum(dim=-1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = Σ_{s≥t} γ^{s−t}·r_s over valid tokens: (B, T), (B, T) → (B, T), 0 where masked.
+
+    GAE with V ≡ 0 and λ = 1 is exactly this sum (δ_t = r_t, A_t = r_t + γ·A_{t+1}), so it is computed by `gae`
+    (one recursion in the code base, masked holes stepped over the same way).
+    """
+    advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
+    return advantages
+
+
+def reinforce_pp_advantages(
+    score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float, gamma: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning LLMs", §3).
+
+    r_t = −β·KL_t + score·[t = last] (token-level KL penalty in the reward, `per_token_rewards`);
+    G_t = Σ_{s≥t} γ^{s−t} r_s (`discounted_returns`); Â_t = (G_t − μ) / σ with μ, σ over every valid token of the
+    global batch (`whiten`) — the batch normalisation that replaces PPO's critic. No group structure needed.
+    score: (B,); kl, mask: (B, T) → (advantages, returns G, rewards r), each (B, T) and 0 where masked.
+    """
+    rewards = per_token_rewards(score, kl, mask, beta)
+    returns = discounted_returns(rewards, mask, gamma)
+    return whiten(returns, mask), returns, rewards
+
+
+# --- one registry: the estimator is a name in the config --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """Everything an advantage estimator may read. B responses, T response tokens (right-padded).
+
+    scores: (B,) sequence reward (learned RM and/or rule rewards, already composed). mask: (B, T) action mask.
+    kl: (B, T) per-token KL estimate of the sampling policy to the reference (`kl_penalty`), used with kl_coef as
+    KL in the reward (0 where masked; pass zeros with kl_coef = 0 when KL is a loss term instead).
+    values: (B, T) critic values — "gae" only. group_size: responses per prompt — "grpo", "rloo".
+    """
+
+    scores: torch.Tensor
+    mask: torch.Tensor
+    kl: torch.Tensor
+    kl_coef: float = 0.0
+    values: torch.Tensor | None = None
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True  # "gae" only: normalise A over the batch's valid tokens (PPO practice)
+    group_size: int = 1
+    scale: GroupScale = "group"  # "grpo" only
+    eps: float = 1e-4  # "grpo" only: the std guard
+
+
+@dataclass(frozen=True)
+class AdvantageResult:
+    """advantages: (B, T), 0 where masked. returns: (B, T) target of the value function ("gae") or the discounted
+    return ("reinforce_pp"); None for the group estimators. rewards: (B, T) per-token reward that was optimised
+    (score on the last token, −β·KL on every token): what `non_score_reward` logging reads."""
+
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+    rewards: torch.Tensor
+
+
+def _broadcast(per_response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) → (B, T): the response's advantage on each of its valid tokens, 0 elsewhere."""
+    return torch.where(mask.bool(), per_response[:, None].to(mask.device), torch.zeros((), dtype=per_response.dtype))
+
+
+def _gae(x: AdvantageInputs) -> AdvantageResult:
+    if x.values is None:
+        raise ValueError("values: the 'gae' estimator needs critic values (B, T); the critic-free ones do not")
+    rewards = per_token_rewards(x.scores, x.kl, x.mask, x.kl_coef)
+    advantages, returns = gae(rewards, x.values, x.mask, x.gamma, x.lam)
+    if x.whiten_advantages:
+        advantages = whiten(advantages, x.mask)
+    return AdvantageResult(advantages, returns, rewards)
+
+
+def _grpo(x: AdvantageInputs) -> AdvantageResult:
+    rewards = per_token_rewards(x.scores, x.kl, x.mask, x.kl_coef)
+    adv = grpo_advantages(rewards.sum(dim=-1), x.group_size, x.scale, x.eps)
+    return AdvantageResult(_broadcast(adv, x.mask), None, rewards)
+
+
+def _rloo(x: AdvantageInputs) -> AdvantageResult:
+    rewards = per_token_rewards(x.scores, x.kl, x.mask, x.kl_coef)
+    adv = rloo_advantages(rewards.sum(dim=-1), x.group_size)
+    return AdvantageResult(_broadcast(adv, x.mask), None, rewards)
+
+
+def _reinforce_pp(x: AdvantageInputs) -> AdvantageResult:
+    advantages, returns, rewards = reinforce_pp_advantages(x.scores, x.kl, x.mask, x.kl_coef, x.gamma)
+    return AdvantageResult(advantages, returns, rewards)
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A registry entry: the function and what the job must provide for it."""
+
+    fn: Callable[[AdvantageInputs], AdvantageResult]
+    needs_critic: bool  # a value role must be placed (and only then)
+    grouped: bool  # samples group_size >= 2 responses per prompt
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {
+    "gae": Estimator(_gae, needs_critic=True, grouped=False),  # PPO (InstructGPT)
+    "grpo": Estimator(_grpo, needs_critic=False, grouped=True),  # GRPO / Dr. GRPO / DAPO advantages
+    "rloo": Estimator(_rloo, needs_critic=False, grouped=True),
+    "reinforce_pp": Estimator(_reinforce_pp, needs_critic=False, grouped=False),
+}
+
+
+def get_estimator(name: str, group_size: int = 1) -> Estimator:
+    """The registry entry for `name`, checked against group_size (ValueError naming `estimator` or `group_size`),
+    so a job can reject a bad config before anything starts. Non-grouped estimators accept any group_size >= 1."""
+    if name not in ADVANTAGE_ESTIMATORS:
+        known = tuple(ADVANTAGE_ESTIMATORS)
+        raise ValueError(f"estimator: unknown advantage estimator {name!r}; expected one of {known}")
+    entry = ADVANTAGE_ESTIMATORS[name]
+    if entry.grouped:
+        check_group_size(group_size)
+    elif isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size: must be an integer >= 1, got {group_size!r}")
+    return entry
+
+
+def compute_advantages(name: str, inputs: AdvantageInputs) -> AdvantageResult:
+    """Run the estimator registered as `name` ("gae" | "grpo" | "rloo" | "reinforce_pp") on `inputs`."""
+    scores, mask, kl = inputs.scores, inputs.mask, inputs.kl
+    if scores.dim() != 1 or mask.dim() != 2 or mask.shape[0] != scores.shape[0] or kl.shape != mask.shape:
+        raise ValueError(
+            f"shapes: scores {tuple(scores.shape)}, mask {tuple(mask.shape)}, kl {tuple(kl.shape)}; "
+            "expected (B,), (B, T), (B, T)"
+        )
+    return get_estimator(name, inputs.group_size).fn(inputs)
 
 
 # --- KL coefficient controllers (Ziegler et al. 2019 §2.2) ------------------------------------------------------

@@ -1,21 +1,29 @@
-"""Training losses: LM cross-entropy, the K-wise reward-model ranking loss, PPO's clipped policy and value losses.
+"""Training losses: LM cross-entropy, the K-wise reward-model ranking loss, the clipped policy loss (PPO, GRPO,
+Dr. GRPO, DAPO, RLOO as parameters of one function) and the clipped value loss.
 
 Pure functions of tensors (shapes in each docstring); scalars passed explicitly; masks explicit (0/1 or bool,
 0 = ignored); no `.item()`, so metrics come back as 0-d tensors the caller reduces when it logs.
-Loss reductions are token means over the whole batch (Σ over valid tokens / number of valid tokens).
+Loss reductions are token means over the whole batch (Σ over valid tokens / number of valid tokens) unless a
+`loss_agg` says otherwise (`aggregate_loss`).
 
 References
 - Radford et al. 2018/2019 (GPT, GPT-2): next-token cross-entropy.
 - Ouyang et al. 2022 (InstructGPT) eq. 1: K-wise ranking loss; eq. 2: PPO-ptx objective.
 - Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7: clipped surrogate objective.
+- Shao et al. 2024, "DeepSeekMath" §4.1 eq. 3: GRPO objective (per-sequence token mean, KL term with k3).
+- Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO) §3.1: constant normaliser.
+- Yu et al. 2025, "DAPO" §3.1 (clip-higher: ε_low ≠ ε_high), §3.3 (token-level policy-gradient loss).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
-from models.masked import masked_mean
+from models.advantages import KLKind, kl_penalty
+from models.masked import masked_mean, masked_sum
 
 Metrics = dict[str, torch.Tensor]
 
@@ -69,12 +77,24 @@ def pairwise_accuracy(rewards: torch.Tensor, ranking: torch.Tensor) -> torch.Ten
     return (_pair_margins(rewards, ranking) > 0).float().mean()
 
 
+def ranked_pairs(ranking: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All C(K,2) (preferred, dispreferred) response-index pairs of each K-wise ranking — the one pair enumeration.
+
+    ranking: (N, K) integer, ranking[n, j] = index of the j-th best response. Returns (chosen, rejected), each
+    (N, C(K,2)) long: pair p of row n compares rank positions i < j (in `torch.triu_indices` order: (0,1), (0,2), …,
+    (K−2,K−1)), chosen[n, p] = ranking[n, i] is preferred over rejected[n, p] = ranking[n, j]. Used by the RM loss
+    (InstructGPT eq. 1) and by DPO's pair construction (models/dpo.py). Does not validate: see `validate_ranking`.
+    """
+    k = ranking.shape[1]
+    better, worse = torch.triu_indices(k, k, offset=1, device=ranking.device)  # all i < j: i ranked above j
+    ranking = ranking.long()
+    return ranking[:, better], ranking[:, worse]
+
+
 def _pair_margins(rewards: torch.Tensor, ranking: torch.Tensor) -> torch.Tensor:
     """r_w − r_l for every pair (w ranked above l): (N, K) → (N, C(K,2))."""
-    ordered = rewards.gather(1, ranking.long())  # (N, K): ordered[n, j] = reward of the j-th best response
-    k = rewards.shape[1]
-    better, worse = torch.triu_indices(k, k, offset=1, device=rewards.device)  # all i < j: i ranked above j
-    return ordered[:, better] - ordered[:, worse]
+    chosen, rejected = ranked_pairs(ranking)
+    return rewards.gather(1, chosen) - rewards.gather(1, rejected)
 
 
 def kwise_ranking_loss(rewards: torch.Tensor, ranking: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
@@ -97,33 +117,105 @@ def kwise_ranking_loss(rewards: torch.Tensor, ranking: torch.Tensor) -> tuple[to
     return loss, metrics
 
 
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+LOSS_AGGS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def aggregate_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, loss_agg: LossAgg = "token-mean", max_response_len: int | None = None
+) -> torch.Tensor:
+    """Reduce a per-token loss (B, T) under mask (B, T) to a scalar; the choice changes how tokens are weighted.
+
+    - "token-mean": Σ_{b,t} ℓ / Σ mask — every valid token of the batch weighs the same (PPO as implemented by
+      TRL/OpenRLHF; DAPO's token-level loss, Yu et al. 2025 §3.3; TRL loss_type "bnpo"/"dapo").
+    - "seq-mean-token-mean": mean_b (Σ_t ℓ / |y_b|) — GRPO as written (Shao et al. 2024 eq. 3, TRL loss_type
+      "grpo"): a token of a short response weighs more than one of a long response.
+    - "seq-mean-token-sum-norm": Σ_{b,t} ℓ / (B · max_response_len) — Dr. GRPO (Liu et al. 2025 §3.1, TRL
+      loss_type "dr_grpo"): a constant normaliser, so no length bias; `max_response_len` is required (pass the
+      sampler's max_new_tokens, not the padded T of this batch, or the normaliser changes between batches).
+    A row with no valid token contributes 0 and still counts in B for the two sequence means.
+    """
+    if loss_agg == "token-mean":
+        return masked_mean(per_token, mask)
+    if loss_agg == "seq-mean-token-mean":
+        return masked_mean(per_token, mask, dim=-1).mean()
+    if loss_agg == "seq-mean-token-sum-norm":
+        if max_response_len is None or max_response_len < 1:
+            raise ValueError(
+                f"max_response_len: loss_agg 'seq-mean-token-sum-norm' needs the constant normaliser "
+                f"(the sampler's max_new_tokens, >= 1), got {max_response_len!r}"
+            )
+        if max_response_len < mask.shape[-1]:
+            raise ValueError(
+                f"max_response_len: {max_response_len} is shorter than the responses in this batch (T={mask.shape[-1]})"
+            )
+        return masked_sum(per_token, mask, dim=-1).mean() / max_response_len
+    raise ValueError(f"loss_agg: unknown aggregation {loss_agg!r}; expected one of {LOSS_AGGS}")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    *,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    loss_agg: LossAgg = "token-mean",
+    max_response_len: int | None = None,
+    kl_coef: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_estimator: KLKind = "k3",
 ) -> tuple[torch.Tensor, Metrics]:
-    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), negated to a loss, token mean over valid tokens.
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), negated to a loss; the one policy loss of every algorithm.
 
-    ρ_t = exp(logπ_θ − logπ_old);  loss = mean_t max(−A_t·ρ_t, −A_t·clip(ρ_t, 1−ε, 1+ε)).
-    logprobs (with grad), old_logprobs, advantages, mask: (B, T) → (loss scalar, metrics).
-    Metrics (0-d, no grad): "clipfrac" = fraction of valid tokens where the clipped term is the active one
-    (strictly larger loss); "approx_kl" = masked mean of ½(logπ_θ − logπ_old)² — the k2 estimator of
-    KL(π_old‖π_θ), as TRL's PPO logs it (TRL averages over padding too; we average over valid tokens only);
-    "ratio" = masked mean of ρ.
+    ρ_t = exp(logπ_θ − logπ_old);  ℓ_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε_low, 1 + ε_high)) [+ β·KL_t];
+    loss = aggregate_loss(ℓ, mask, loss_agg). Defaults (ε_low = ε_high = clip_eps, token mean, no KL term) are PPO.
+    - clip_low / clip_high: DAPO's decoupled "clip-higher" (Yu et al. 2025 §3.1, e.g. 0.2 / 0.28); each defaults to
+      clip_eps.
+    - loss_agg / max_response_len: token-mean (PPO, DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum-norm
+      (Dr. GRPO) — see `aggregate_loss`.
+    - kl_coef / ref_logprobs / kl_estimator: KL to the reference as a loss term (GRPO, Shao et al. 2024 eq. 3-4,
+      k3 estimator) instead of, or besides, KL in the reward (`models.advantages.per_token_rewards`). The
+      per-token KL is taken at the current π_θ (it has a gradient) and aggregated like the surrogate, as TRL does.
+    logprobs (with grad), old_logprobs, mask: (B, T); advantages: (B, T), or (B, 1) for one advantage per response
+    (broadcast over its tokens); ref_logprobs: (B, T). A sequence-level ratio (TRL's RLOO) is the same call on
+    (B, 1) sequence log-probs with a (B, 1) mask of ones.
+    Returns (loss scalar, metrics). Metrics (0-d, no grad): "clipfrac" = fraction of valid tokens where the clipped
+    term is the active one (strictly larger loss); "clipfrac_low" / "clipfrac_high" = fraction clipped at the lower
+    bound with A < 0 / at the upper bound with A > 0 (TRL's clip_ratio/low_mean, high_mean); "approx_kl" = masked
+    mean of ½(logπ_θ − logπ_old)² — the k2 estimator of KL(π_old‖π_θ), as TRL's PPO logs it (TRL averages over
+    padding too; we average over valid tokens only); "ratio" = masked mean of ρ; "kl" = masked mean of the KL term's
+    per-token estimate (only when kl_coef != 0).
     """
+    low = clip_eps if clip_low is None else clip_low
+    high = clip_eps if clip_high is None else clip_high
+    for name, value in (("clip_low", low), ("clip_high", high)):
+        if not value >= 0:
+            raise ValueError(f"{name}: must be >= 0, got {value}")
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
+    per_token = torch.max(unclipped, clipped)
+    kl = None
+    if kl_coef != 0:
+        if ref_logprobs is None:
+            raise ValueError("ref_logprobs: kl_coef != 0 puts KL(π‖π_ref) in the loss and needs reference log-probs")
+        kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+        per_token = per_token + kl_coef * kl
+    loss = aggregate_loss(per_token, mask, loss_agg, max_response_len)
     with torch.no_grad():
         metrics = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "clipfrac_low": masked_mean(((ratio < 1.0 - low) & (advantages < 0)).float(), mask),
+            "clipfrac_high": masked_mean(((ratio > 1.0 + high) & (advantages > 0)).float(), mask),
             "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
             "ratio": masked_mean(ratio, mask),
         }
+        if kl is not None:
+            metrics["kl"] = masked_mean(kl, mask)
     return loss, metrics
 
 

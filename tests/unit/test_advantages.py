@@ -1,22 +1,32 @@
-"""models/advantages.py against naive loops, closed forms and properties (no Ray, CPU, ~1 s)."""
+"""models/advantages.py against naive loops, closed forms and properties (no Ray, CPU, ~2 s)."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 from models.advantages import (
+    ADVANTAGE_ESTIMATORS,
     AdaptiveKLController,
+    AdvantageInputs,
     FixedKLController,
+    compute_advantages,
+    discounted_returns,
     gae,
+    get_estimator,
+    grpo_advantages,
     kl_k1,
     kl_k2,
     kl_k3,
     kl_penalty,
     per_token_rewards,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    sequence_rewards,
     whiten,
 )
 from models.masked import masked_mean, masked_var
@@ -209,3 +219,195 @@ def test_kl_controller_state_dict_round_trip_on_cpu():
     assert g.beta == 0.3
     with pytest.raises(ValueError, match="kind"):
         g.load_state_dict(a.state_dict())
+
+
+# --- critic-free estimators: GRPO, RLOO, REINFORCE++ and the registry --------------------------------------------
+
+
+def naive_grpo(rewards: list[float], group: int, scale: str, eps: float) -> list[float]:
+    """Shao et al. 2024 §4.1.2, one group at a time, with Python floats (unbiased std as TRL)."""
+
+    def std(xs: list[float]) -> float:
+        m = sum(xs) / len(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+    out = []
+    for g in range(len(rewards) // group):
+        rs = rewards[g * group : (g + 1) * group]
+        mean = sum(rs) / group
+        denom = {"group": std(rs) + eps, "batch": std(rewards) + eps, "none": 1.0}[scale]
+        out += [(r - mean) / denom for r in rs]
+    return out
+
+
+def naive_rloo(rewards: list[float], group: int) -> list[float]:
+    """Ahmadian et al. 2024 eq. 6: r_i minus the mean of the OTHER responses of its group."""
+    out = []
+    for i, r in enumerate(rewards):
+        g = i // group
+        others = [rewards[j] for j in range(g * group, (g + 1) * group) if j != i]
+        out.append(r - sum(others) / len(others))
+    return out
+
+
+def random_group_batch(seed: int, prompts: int, group: int, t: int):
+    gen = torch.Generator().manual_seed(seed)
+    b = prompts * group
+    mask = right_padded_mask(gen, b, t)
+    scores = torch.randn(b, generator=gen, dtype=torch.float64) * 2
+    kl = torch.where(mask, torch.rand(b, t, generator=gen, dtype=torch.float64), 0.0)
+    return mask, scores, kl
+
+
+@pytest.mark.parametrize("scale", ["group", "none", "batch"])
+@pytest.mark.parametrize("seed,prompts,group", [(0, 4, 2), (1, 3, 4), (2, 2, 7), (3, 1, 16)])
+def test_grpo_advantages_match_naive_loop_on_cpu(scale, seed, prompts, group):
+    _, scores, _ = random_group_batch(seed, prompts, group, 3)
+    expected = torch.tensor(naive_grpo(scores.tolist(), group, scale, 1e-4), dtype=torch.float64)
+    assert_close(grpo_advantages(scores, group, scale), expected)
+
+
+@pytest.mark.parametrize("seed,prompts,group", [(0, 4, 2), (1, 3, 4), (2, 2, 7)])
+def test_grpo_advantages_properties_on_cpu(seed, prompts, group):
+    _, scores, _ = random_group_batch(seed, prompts, group, 3)
+    for scale in ("group", "none", "batch"):
+        adv = grpo_advantages(scores, group, scale).view(prompts, group)
+        assert_close(adv.sum(1), torch.zeros(prompts, dtype=torch.float64), atol=1e-12, rtol=0)  # zero mean/group
+    adv = grpo_advantages(scores, group, "group", eps=0.0).view(prompts, group)
+    assert_close(adv.std(1), torch.ones(prompts, dtype=torch.float64))  # unit std per group (GRPO)
+    # A per-prompt offset (prompt difficulty) cancels; "none" (Dr. GRPO) keeps the reward scale, "group" does not.
+    shifted = scores + torch.arange(prompts, dtype=torch.float64).repeat_interleave(group) * 10
+    assert_close(grpo_advantages(shifted, group, "none"), grpo_advantages(scores, group, "none"))
+    assert_close(grpo_advantages(3 * scores, group, "none"), 3 * grpo_advantages(scores, group, "none"))
+    assert_close(grpo_advantages(3 * scores, group, "group", eps=0.0), grpo_advantages(scores, group, "group", 0.0))
+    # An all-equal group has nothing to learn from: Â = 0, not NaN.
+    assert (grpo_advantages(torch.full((group,), 0.3, dtype=torch.float64), group) == 0).all()
+
+
+@pytest.mark.parametrize("seed,prompts,group", [(0, 4, 2), (1, 3, 4), (2, 2, 7), (3, 1, 16)])
+def test_rloo_advantages_match_naive_loop_on_cpu(seed, prompts, group):
+    _, scores, _ = random_group_batch(seed, prompts, group, 3)
+    expected = torch.tensor(naive_rloo(scores.tolist(), group), dtype=torch.float64)
+    assert_close(rloo_advantages(scores, group), expected)
+
+
+def test_rloo_baseline_excludes_self_on_cpu():
+    """Moving r_i by δ moves Â_i by exactly δ (its baseline does not see r_i), each sibling's by −δ/(G−1), and
+    leaves other prompts alone; per group Σ Â = 0 and Â = G/(G−1)·(r − mean)."""
+    prompts, group, delta = 3, 5, 0.7
+    _, scores, _ = random_group_batch(4, prompts, group, 3)
+    base = rloo_advantages(scores, group)
+    bumped = scores.clone()
+    bumped[6] += delta  # prompt 1, response 1
+    change = rloo_advantages(bumped, group) - base
+    expected = torch.zeros_like(change)
+    expected[5:10] = -delta / (group - 1)
+    expected[6] = delta
+    assert_close(change, expected)
+    grouped = scores.view(prompts, group)
+    assert_close(base.view(prompts, group).sum(1), torch.zeros(prompts, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert_close(base.view(prompts, group), group / (group - 1) * (grouped - grouped.mean(1, keepdim=True)))
+
+
+def naive_reinforce_pp(scores, kl, mask, beta, gamma):
+    """Hu 2025 §3, one row and one token at a time: r_t = −β·kl_t (+ score at the end), G_t = r_t + γ·G_{t+1},
+    then (G − mean) / sqrt(var + 1e-8) over every valid token of the batch (unbiased var, as `whiten`)."""
+    b, t = mask.shape
+    returns = torch.zeros(b, t, dtype=torch.float64)
+    for i in range(b):
+        length = int(mask[i].sum())
+        running = 0.0
+        for s in reversed(range(length)):
+            r = -beta * float(kl[i, s]) + (float(scores[i]) if s == length - 1 else 0.0)
+            running = r + gamma * running
+            returns[i, s] = running
+    valid = [float(returns[i, s]) for i in range(b) for s in range(t) if mask[i, s]]
+    mean = sum(valid) / len(valid)
+    var = sum((v - mean) ** 2 for v in valid) / (len(valid) - 1)
+    adv = torch.where(mask, (returns - mean) / math.sqrt(var + 1e-8), 0.0)
+    return adv, returns
+
+
+@pytest.mark.parametrize("seed,gamma,beta", [(0, 1.0, 0.05), (1, 0.99, 0.1), (2, 0.9, 0.0), (3, 1.0, 0.5)])
+def test_reinforce_pp_matches_naive_loop_on_cpu(seed, gamma, beta):
+    mask, scores, kl = random_group_batch(seed, 5, 2, 9)
+    adv, returns, rewards = reinforce_pp_advantages(scores, kl, mask, beta, gamma)
+    adv_ref, ret_ref = naive_reinforce_pp(scores, kl, mask, beta, gamma)
+    assert_close(returns, ret_ref)
+    assert_close(adv, adv_ref)
+    assert_close(rewards, per_token_rewards(scores, kl, mask, beta))
+
+
+def test_reinforce_pp_properties_on_cpu():
+    mask, scores, kl = random_group_batch(5, 4, 3, 8)
+    adv, returns, rewards = reinforce_pp_advantages(scores, kl, mask, 0.1, gamma=1.0)
+    # γ = 1: the return before normalisation is the reward-to-go; at t = 0 it is the KL-shaped sequence reward.
+    assert_close(returns, torch.where(mask, rewards.flip(1).cumsum(1).flip(1), 0.0))
+    assert_close(returns[:, 0], sequence_rewards(scores, kl, mask, 0.1))
+    # Global-batch normalisation: zero mean, unit variance over the valid tokens of the whole batch.
+    assert_close(masked_mean(adv, mask), torch.tensor(0.0, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert_close(masked_var(adv, mask), torch.tensor(1.0, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert (adv[~mask] == 0).all()
+    assert_close(discounted_returns(rewards, mask, 1.0), returns)
+
+
+@pytest.mark.parametrize("fn", [grpo_advantages, rloo_advantages])
+def test_group_estimators_reject_bad_groups_on_cpu(fn):
+    scores = torch.zeros(6)
+    for bad in (1, 0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="group_size"):
+            fn(scores, bad)
+    with pytest.raises(ValueError, match="group_size: a batch of 6"):
+        fn(scores, 4)
+    with pytest.raises(ValueError, match="rewards"):
+        fn(torch.zeros(6, 2), 2)
+
+
+def test_registry_names_flags_and_errors_on_cpu():
+    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "rloo", "reinforce_pp"}
+    assert [n for n, e in ADVANTAGE_ESTIMATORS.items() if e.needs_critic] == ["gae"]
+    assert {n for n, e in ADVANTAGE_ESTIMATORS.items() if e.grouped} == {"grpo", "rloo"}
+    with pytest.raises(ValueError, match="estimator: unknown"):
+        get_estimator("ppo")
+    for name in ("grpo", "rloo"):
+        with pytest.raises(ValueError, match="group_size"):
+            get_estimator(name, group_size=1)
+    assert get_estimator("reinforce_pp", group_size=1).grouped is False
+    mask, scores, kl = random_group_batch(0, 3, 4, 5)
+    with pytest.raises(ValueError, match="group_size: a batch of 12"):
+        compute_advantages("grpo", AdvantageInputs(scores, mask, kl, group_size=5))
+    with pytest.raises(ValueError, match="values"):
+        compute_advantages("gae", AdvantageInputs(scores, mask, kl))
+    with pytest.raises(ValueError, match="shapes"):
+        compute_advantages("rloo", AdvantageInputs(scores[:-1], mask, kl, group_size=4))
+
+
+@pytest.mark.parametrize("whiten_advantages", [True, False])
+def test_registry_gae_is_todays_ppo_composition_on_cpu(whiten_advantages):
+    """"gae" = per_token_rewards → gae → whiten, exactly what actors/rollout.py `finalize` composes today."""
+    mask, scores, kl = random_group_batch(1, 4, 2, 7)
+    values = torch.randn(8, 7, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    out = compute_advantages("gae", AdvantageInputs(scores, mask, kl, kl_coef=0.05, values=values, gamma=0.99,
+                                                    lam=0.95, whiten_advantages=whiten_advantages))  # fmt: skip
+    rewards = per_token_rewards(scores, kl, mask, 0.05)
+    adv, ret = gae(rewards, values, mask, 0.99, 0.95)
+    assert torch.equal(out.rewards, rewards) and torch.equal(out.returns, ret)
+    assert torch.equal(out.advantages, whiten(adv, mask) if whiten_advantages else adv)
+
+
+@pytest.mark.parametrize("name,fn", [("grpo", grpo_advantages), ("rloo", rloo_advantages)])
+def test_registry_group_estimators_broadcast_the_sequence_advantage_on_cpu(name, fn):
+    """Every valid token of response i carries Â_i of the KL-shaped sequence reward R_i = score_i − β·Σ_t kl_it."""
+    mask, scores, kl = random_group_batch(2, 3, 4, 6)
+    out = compute_advantages(name, AdvantageInputs(scores, mask, kl, kl_coef=0.2, group_size=4))
+    per_response = fn(sequence_rewards(scores, kl, mask, 0.2), 4)
+    assert_close(out.advantages, torch.where(mask, per_response[:, None], 0.0))
+    assert out.returns is None
+    assert_close(out.rewards.sum(1), scores - 0.2 * kl.sum(1))
+
+
+def test_registry_reinforce_pp_on_cpu():
+    mask, scores, kl = random_group_batch(3, 4, 2, 6)
+    out = compute_advantages("reinforce_pp", AdvantageInputs(scores, mask, kl, kl_coef=0.1, gamma=0.95))
+    adv, ret, rew = reinforce_pp_advantages(scores, kl, mask, 0.1, 0.95)
+    assert torch.equal(out.advantages, adv) and torch.equal(out.returns, ret) and torch.equal(out.rewards, rew)

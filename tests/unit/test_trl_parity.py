@@ -4,7 +4,8 @@ TRL exposes `masked_mean`, `masked_var`, `masked_whiten` (trl/experimental/ppo/p
 `entropy_from_logits` (trl/trainer/utils.py) as functions: those are imported and called. The KL estimate, the
 per-token rewards, GAE, advantage whitening and both clipped losses exist only inline in `PPOTrainer.train()`.
 Rather than re-typing them here (a copy could drift from TRL and would prove nothing), the test cuts TRL's
-own statements out of the installed ppo_trainer.py by anchor lines, and executes them on our inputs:
+own statements out of the installed ppo_trainer.py by anchor lines (tests/unit/trl_source.py, whole statements of
+one block), and executes them on our inputs:
   - rollout block: `response_idxs = torch.arange(...)` … `advantages = torch.masked_fill(advantages, padding_mask, 0)`
     (padding masks, k1/k3 KL, −β·KL + score, optional reward whitening, the GAE loop, advantage whitening);
   - loss block: `vpredclipped = torch.clamp(` … `loss = pg_loss + args.vf_coef * vf_loss`
@@ -22,14 +23,13 @@ Known, deliberate differences (asserted, not hidden):
 
 from __future__ import annotations
 
-import inspect
-import textwrap
 import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.testing import assert_close
+from trl_source import trl_block
 
 from models.advantages import gae, kl_penalty, per_token_rewards, whiten
 from models.losses import entropy_from_logits, policy_loss, value_loss
@@ -41,31 +41,17 @@ with warnings.catch_warnings():
     from trl.experimental.ppo import ppo_trainer as trl_ppo
 from trl.trainer.utils import entropy_from_logits as trl_entropy_from_logits  # noqa: E402
 
-TRL_SOURCE_LINES = inspect.getsource(trl_ppo).splitlines()
-TRL_FILE = inspect.getsourcefile(trl_ppo)
-
 
 def test_trl_version_is_the_pinned_peer():
     assert trl.__version__ == "1.12.0"
 
 
-def trl_block(first: str, last: str) -> object:
-    """Compile TRL's statements from the line starting with `first` through the line starting with `last`."""
-    stripped = [line.strip() for line in TRL_SOURCE_LINES]
-    start = next((i for i, s in enumerate(stripped) if s.startswith(first)), None)
-    assert start is not None, f"anchor {first!r} not found in {TRL_FILE}"
-    end = next((i for i in range(start, len(stripped)) if stripped[i].startswith(last)), None)
-    assert end is not None, f"anchor {last!r} not found after {first!r} in {TRL_FILE}"
-    # A multi-line statement that starts on `last` runs until the brackets balance.
-    while sum(stripped[end].count(c) for c in "([{") > sum(stripped[end].count(c) for c in ")]}"):
-        end += 1
-    text = textwrap.dedent("\n".join(TRL_SOURCE_LINES[start : end + 1]))
-    return compile(text, f"{TRL_FILE}:{start + 1}-{end + 1}", "exec")
-
-
-ROLLOUT = trl_block("response_idxs = torch.arange(", "advantages = torch.masked_fill(advantages, padding_mask, 0)")
-LOSSES = trl_block("vpredclipped = torch.clamp(", "loss = pg_loss + args.vf_coef * vf_loss")
-STATS = trl_block("pg_clipfrac = masked_mean(", "approxkl = 0.5 * (logprobs_diff**2).mean()")
+TRAIN = trl_ppo.PPOTrainer.train
+ROLLOUT = trl_block(
+    TRAIN, "response_idxs = torch.arange(", "advantages = torch.masked_fill(advantages, padding_mask, 0)"
+)
+LOSSES = trl_block(TRAIN, "vpredclipped = torch.clamp(", "loss = pg_loss + args.vf_coef * vf_loss")
+STATS = trl_block(TRAIN, "pg_clipfrac = masked_mean(", "approxkl = 0.5 * (logprobs_diff**2).mean()")
 
 
 def random_rollout(seed: int, b: int = 6, t: int = 10):
