@@ -129,8 +129,3 @@ def score_meta(scores: Tensor, mask: Tensor | None = None) -> ScoreMeta:
 
 def meta_of(rollout: Rollout) -> RolloutMeta:
     return RolloutMeta(rollout.batch_size, rollout.weight_version, rollout.weight_checksum, rollout.nbytes())
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that is a pure function of `parts` (e.g. run seed, iteration, row): no RNG state to carry."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))

@@ -211,17 +211,24 @@ def save_checkpoint(model: nn.Module, path: str | Path, kind: Kind | None = None
                     extra: dict[str, Any] | None = None) -> Path:
     """Write `model` as a GPT-2 directory at `path` atomically. `tokenizer` is a models.tokenizer.Tokenizer
     or a path to a tokenizer.json; `extra` is merged into config.json's "raygpt" block."""
+    kind = kind or ("lm" if isinstance(model, GPT) else getattr(model, "kind", "reward"))
+    config = hf_config(model.config, kind)
+    config["raygpt"].update(extra or {})
+    return write_checkpoint_dir(path, config, to_hf_state_dict(model), tokenizer)
+
+
+def write_checkpoint_dir(path: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                         tokenizer: Any = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer.json) to a temporary sibling directory, then rename it
+    to `path` (replacing an existing one), so a crash never leaves a half-written checkpoint under that name."""
     from safetensors.torch import save_file
 
-    kind = kind or ("lm" if isinstance(model, GPT) else getattr(model, "kind", "reward"))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        config = hf_config(model.config, kind)
-        config["raygpt"].update(extra or {})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        save_file(to_hf_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             if isinstance(tokenizer, (str, Path)):
                 shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
@@ -241,6 +248,13 @@ def save_checkpoint(model: nn.Module, path: str | Path, kind: Kind | None = None
 
 
 def read_config(path: str | Path) -> tuple[GPTConfig, Kind, dict[str, Any]]:
+    data = read_config_json(path)
+    cfg, kind = config_from_hf(data, str(Path(path) / CONFIG_FILE))
+    return cfg, kind, data
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """config.json of a checkpoint directory as a dict; CheckpointError naming the file otherwise."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
@@ -253,8 +267,21 @@ def read_config(path: str | Path) -> tuple[GPTConfig, Kind, dict[str, Any]]:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{cfg_file}: must hold a JSON object")
-    cfg, kind = config_from_hf(data, str(cfg_file))
-    return cfg, kind, data
+    return data
+
+
+def read_weights(path: str | Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """model.safetensors of a checkpoint directory; CheckpointError naming the file if missing or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    try:
+        return load_file(str(weights), device=map_location)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{weights}: corrupt or unreadable safetensors file ({e})") from None
 
 
 def load_checkpoint(path: str | Path, kind: Kind | None = None, map_location: str = "cpu") -> nn.Module:
@@ -263,19 +290,11 @@ def load_checkpoint(path: str | Path, kind: Kind | None = None, map_location: st
     Loading an LM checkpoint as "reward"/"value" keeps the transformer and starts a fresh scalar head
     (InstructGPT: the RM starts from SFT with the unembedding removed); reward → value keeps the head too.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg, saved_kind, _ = read_config(path)
     kind = kind or saved_kind
     weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: missing")
-    try:
-        sd = from_hf_state_dict(load_file(str(weights), device=map_location))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{weights}: corrupt or unreadable safetensors file ({e})") from None
+    sd = from_hf_state_dict(read_weights(path, map_location))
     model = build_model(cfg, kind)
     own = model.state_dict()
     if kind == "lm":

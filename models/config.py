@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 Attention = Literal["dense", "alternating"]
 LNPlacement = Literal["pre", "post"]
@@ -48,6 +48,7 @@ class GPTConfig:
     only to the `local_window` most recent positions (itself included), as in the Sparse Transformer.
     """
 
+    arch: ClassVar[str] = "gpt"  # not a field: GPT config dicts stay as they were
     vocab_size: int = 50257
     n_ctx: int = 1024
     n_layer: int = 12
@@ -169,3 +170,196 @@ PRESETS: dict[str, dict[str, Any]] = {
     "nano": dict(n_layer=2, n_embd=32, n_head=2, n_ctx=64, vocab_size=512, bos_token_id=0, eos_token_id=0,
                  embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, local_window=16),
 }
+
+
+# --- other architectures of the source document ------------------------------------------------------------------
+Arch = Literal["gpt", "t5", "elmo"]
+FeedForward = Literal["relu", "gated-gelu"]
+
+
+class _ConfigMixin:
+    """replace/to_dict/from_dict/from_name shared by the T5 and ELMo configs (PRESETS named per class)."""
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ModelConfigError(f"{unknown[0]}: unknown {cls.__name__} field (valid: {', '.join(sorted(names))})")
+        return cls(**data)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> Any:
+        if name not in cls.presets:
+            raise ModelConfigError(f"preset: unknown {cls.__name__} preset {name!r} (known: {', '.join(cls.presets)})")
+        return cls(**{**cls.presets[name], **overrides})
+
+
+def _positive_ints(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelConfigError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def _probability(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ModelConfigError(f"{name}: must be in [0, 1), got {value!r}")
+
+
+@dataclass(frozen=True)
+class T5Config(_ConfigMixin):
+    """Encoder-decoder text-to-text transformer (Raffel et al. 2020, §2.1 and §3.1). Field names are those of
+    transformers' T5Config, so a checkpoint's config.json loads there.
+
+    T5 v1.0 (`feed_forward_proj="relu"`, `tie_word_embeddings=True`): one embedding matrix shared by encoder,
+    decoder and LM head, decoder output rescaled by d_model**-0.5 before the tied head. T5 v1.1
+    (`"gated-gelu"`, untied head, no rescale; Shazeer 2020's GEGLU). `n_ctx` is the input length used to
+    pack pre-training examples (§3.1.2: 512); relative positions put no hard limit on it.
+    """
+
+    arch: ClassVar[str] = "t5"
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: int | None = None  # None = num_layers
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    initializer_factor: float = 1.0
+    feed_forward_proj: FeedForward = "relu"
+    tie_word_embeddings: bool = True
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    n_ctx: int = 512
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                       "relative_attention_num_buckets", "relative_attention_max_distance", "n_ctx")
+        if self.num_decoder_layers is not None:
+            _positive_ints(self, "num_decoder_layers")
+        _probability(self, "dropout_rate")
+        if self.feed_forward_proj not in ("relu", "gated-gelu"):
+            raise ModelConfigError(f"feed_forward_proj: must be 'relu' (v1.0) or 'gated-gelu' (v1.1), "
+                                   f"got {self.feed_forward_proj!r}")
+        if self.relative_attention_num_buckets < 4:
+            raise ModelConfigError("relative_attention_num_buckets: must be >= 4 (half exact, half log-spaced, "
+                                   "per direction)")
+        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ModelConfigError(f"{name}: {value!r} is outside the vocabulary [0, {self.vocab_size})")
+        if self.layer_norm_epsilon <= 0 or self.initializer_factor <= 0:
+            raise ModelConfigError("layer_norm_epsilon/initializer_factor: must be > 0")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ModelConfigError(f"tie_word_embeddings: must be true or false, got {self.tie_word_embeddings!r}")
+
+    @property
+    def n_decoder_layers(self) -> int:
+        return self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.d_kv
+
+
+def _t5(d_model: int, d_ff: int, layers: int, heads: int, v11: bool = False) -> dict[str, Any]:
+    ff: dict[str, Any] = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False) if v11 else {}
+    return dict(d_model=d_model, d_ff=d_ff, num_layers=layers, num_heads=heads, d_kv=64, **ff)
+
+
+T5Config.presets = {
+    # T5 v1.0 (Raffel et al. 2020 §3.7, Table 14 sizes): ReLU FF, tied embeddings.
+    "t5-small": _t5(512, 2048, 6, 8),
+    "t5-base": _t5(768, 3072, 12, 12),
+    "t5-large": _t5(1024, 4096, 24, 16),
+    # T5 v1.1: GEGLU FF, untied LM head, no dropout in pre-training.
+    "t5-v1_1-small": dict(_t5(512, 1024, 8, 6), dropout_rate=0.0),
+    "t5-v1_1-base": dict(_t5(768, 2048, 12, 12), dropout_rate=0.0),
+    # CPU presets for tests and the demo corpus; vocab_size is normally replaced by the trained tokenizer's.
+    "t5-tiny": dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_heads=4, vocab_size=4096, dropout_rate=0.0,
+                    n_ctx=128),
+    "t5-nano": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=512, dropout_rate=0.0,
+                    relative_attention_num_buckets=8, relative_attention_max_distance=16, n_ctx=64),
+}
+
+
+@dataclass(frozen=True)
+class ElmoConfig(_ConfigMixin):
+    """ELMo's biLM (Peters et al. 2018, §3.1 and §3.4): a character-CNN token encoder over each token's bytes
+    (n-gram filters, max-pooling, highway layers, projection to `d_model`), `n_layer` LSTM layers per direction
+    (hidden `lstm_dim`, projected back to `d_model`, residual between layers) and one softmax over the token
+    vocabulary shared by both directions. The paper: 2048 filters, 2 highway layers, 2 layers of 4096 units with
+    512-d projections (§3.4); `elmo-tiny`/`elmo-nano` are the CPU shapes."""
+
+    arch: ClassVar[str] = "elmo"
+    vocab_size: int = 4096
+    max_bytes: int = 16  # bytes of a token seen by the char-CNN (longer tokens are cut)
+    byte_dim: int = 16
+    filters: tuple[tuple[int, int], ...] = ((1, 32), (2, 32), (3, 64), (4, 128), (5, 256), (6, 512), (7, 1024))
+    n_highway: int = 2
+    d_model: int = 512
+    lstm_dim: int = 4096
+    n_layer: int = 2
+    dropout: float = 0.1
+    n_ctx: int = 128
+    eos_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "vocab_size", "max_bytes", "byte_dim", "d_model", "lstm_dim", "n_layer", "n_ctx")
+        _probability(self, "dropout")
+        if isinstance(self.n_highway, bool) or not isinstance(self.n_highway, int) or self.n_highway < 0:
+            raise ModelConfigError(f"n_highway: must be a non-negative integer, got {self.n_highway!r}")
+        filters = tuple(tuple(f) for f in self.filters)
+        if not filters or any(len(f) != 2 or not all(isinstance(v, int) and v > 0 for v in f) for f in filters):
+            raise ModelConfigError(f"filters: must be a non-empty list of [width, count] positive pairs, "
+                                   f"got {self.filters!r}")
+        if max(w for w, _ in filters) > self.max_bytes:
+            raise ModelConfigError(f"filters: widest filter {max(w for w, _ in filters)} exceeds "
+                                   f"max_bytes={self.max_bytes}")
+        object.__setattr__(self, "filters", filters)  # JSON gives lists; keep the config hashable
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise ModelConfigError(
+                f"eos_token_id: {self.eos_token_id} is outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def n_filters(self) -> int:
+        return sum(n for _, n in self.filters)
+
+
+ElmoConfig.presets = {
+    "elmo": dict(vocab_size=50257, max_bytes=50, eos_token_id=50256),  # §3.4 sizes over a BPE vocabulary
+    "elmo-tiny": dict(max_bytes=12, byte_dim=16, filters=((1, 32), (2, 32), (3, 64), (4, 64)), n_highway=2,
+                      d_model=128, lstm_dim=256, n_layer=2, dropout=0.0),
+    "elmo-nano": dict(vocab_size=512, max_bytes=8, byte_dim=8, filters=((1, 8), (2, 8), (3, 16)), n_highway=1,
+                      d_model=32, lstm_dim=48, n_layer=2, dropout=0.0, n_ctx=64),
+}
+
+CONFIG_CLASSES: dict[str, type] = {"gpt": GPTConfig, "t5": T5Config, "elmo": ElmoConfig}
+
+
+def config_class(arch: str) -> type:
+    """The config class of an architecture name ("gpt" | "t5" | "elmo"); ModelConfigError naming `arch`."""
+    if arch not in CONFIG_CLASSES:
+        raise ModelConfigError(f"arch: unknown architecture {arch!r} (known: {', '.join(CONFIG_CLASSES)})")
+    return CONFIG_CLASSES[arch]
+
+
+def arch_of(cfg: Any) -> str:
+    """"gpt" | "t5" | "elmo" for a config instance."""
+    return getattr(type(cfg), "arch", "gpt")

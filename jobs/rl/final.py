@@ -18,7 +18,6 @@ import torch
 
 from actors.base import (
     WeightsMessage,
-    derive_seed,
     load_model,
     response_logits,
     response_logprobs,
@@ -31,6 +30,7 @@ from jobs.rl.config import PPOJobConfig, abspath
 from jobs.rl.inputs import GoldFn, PromptSet
 from models.checkpoint import read_config, save_checkpoint
 from models.gpt import GPT
+from models.seeding import derive_seed
 
 EVAL_SALT = 7_777  # keeps evaluation seeds apart from the training iterations' seeds
 

@@ -25,7 +25,7 @@ from models.losses import lm_loss, pairwise_accuracy
 def heldout_responses(model: Any, tokenizer: Any, prompts: Sequence[str], sampling: SamplingParams, seed: int,
                       batch_size: int = 128) -> list[str]:
     """One response per held-out prompt; prompt i always gets the same seed, whichever model samples."""
-    seeds = [sample_seed(seed, "heldout", i, 0, 1) for i in range(len(prompts))]
+    seeds = [sample_seed(seed, "heldout", i, 0) for i in range(len(prompts))]
     return sample_responses(model, tokenizer, prompts, sampling, seeds, batch_size)
 
 

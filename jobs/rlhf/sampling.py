@@ -20,11 +20,8 @@ from jobs.data.tasks import Comparison, ComparisonsError, TaskConfig, build_task
 from models.checkpoint import load_checkpoint, tokenizer_path
 from models.config import ConfigError, field
 from models.generation import SamplingParams, generate
+from models.seeding import derive_seed
 from models.tokenizer import Tokenizer
-
-SPLIT_SALT = {"train": 0, "heldout": 1}
-
-
 
 MAX_K = 9  # InstructGPT §3.4: labelers ranked between K = 4 and K = 9 responses
 
@@ -75,9 +72,9 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], samplin
 
 
 
-def sample_seed(seed: int, split: str, prompt_index: int, sample: int, k: int) -> int:
+def sample_seed(seed: int, split: str, prompt_index: int, sample: int) -> int:
     """Seed of sample `sample` of prompt `prompt_index` of `split`: a pure function, independent of sharding."""
-    return (seed * 1_000_003 + SPLIT_SALT[split] * 500_000_029 + prompt_index * k + sample) % (2**63 - 1)
+    return derive_seed(seed, split, prompt_index, sample)
 
 
 
@@ -93,7 +90,7 @@ def label_shard(policy: str, task_cfg: TaskConfig, prompts: Sequence[str], first
     task = build_task(task_cfg)
     k = gen.k
     flat = [p for p in prompts for _ in range(k)]
-    seeds = [sample_seed(gen.seed, split, first_index + i, j, k) for i in range(len(prompts)) for j in range(k)]
+    seeds = [sample_seed(gen.seed, split, first_index + i, j) for i in range(len(prompts)) for j in range(k)]
     responses = sample_responses(model, tokenizer, flat, gen.sampling, seeds, gen.batch_size)
     rows, dropped = [], 0
     for i, prompt in enumerate(prompts):

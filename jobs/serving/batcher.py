@@ -26,6 +26,7 @@ from jobs.serving.api import ChoiceDelta, Job, RequestError
 from models.checkpoint import load_checkpoint, tokenizer_path
 from models.generation import SamplingParams, left_pad, stream, tempered
 from models.gpt import GPT
+from models.seeding import derive_seed
 from models.tokenizer import Tokenizer
 
 
@@ -34,7 +35,7 @@ class _Row:
 
     def __init__(self, job: int, index: int, prompt: list[int], spec: Job) -> None:
         self.job, self.index, self.prompt, self.spec = job, index, prompt, spec
-        self.seed = (spec.seed + index) % 2**63
+        self.seed = derive_seed(spec.seed, index)
         self.ids: list[int] = []
         self.lps: list[float] = []
         self.ends: list[int] = []  # ends[i] = len(decode(ids[:i+1])): where token i's text ends

@@ -3,7 +3,7 @@
 ("policy", "sft"), two replicas each, an API key, small limits; every test reuses it.
 
 Independent reference: `models.generation.generate` on the same checkpoint, one prompt at a time (batch of 1),
-with the seed the server gives that choice (request seed + choice index).
+with the seed the server gives that choice (derive_seed(request seed, choice index)).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint, tokenizer_path
 from models.config import GPTConfig
 from models.generation import SamplingParams, generate
 from models.gpt import GPT
+from models.seeding import derive_seed
 from models.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
@@ -110,11 +111,13 @@ def _loaded(path: Path) -> tuple[GPT, Tokenizer]:
 
 
 def reference(path: Path, prompt: str, seed: int, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-              stop: tuple[str, ...] = ()) -> tuple[str, list[float]]:
-    """What the server must answer for one choice: unbatched generate(), cut at EOS and at the first stop."""
+              stop: tuple[str, ...] = (), index: int = 0) -> tuple[str, list[float]]:
+    """What the server must answer for choice `index` of a request with `seed`: unbatched generate() with the
+    choice's seed derive_seed(seed, index), cut at EOS and at the first stop."""
     model, tok = _loaded(path)
     g = generate(model, [tok.encode(prompt)], SamplingParams(
-        max_new_tokens=max_tokens, temperature=temperature, top_p=top_p), eos_id=tok.eos_id, seeds=[seed])
+        max_new_tokens=max_tokens, temperature=temperature, top_p=top_p), eos_id=tok.eos_id,
+        seeds=[derive_seed(seed, index)])
     ids = g.response_ids[0][g.response_mask[0].bool()].tolist()
     lps = g.logprobs[0][: len(ids)].tolist()
     if ids and ids[-1] == tok.eos_id:
@@ -167,7 +170,7 @@ def test_n_stop_and_logprobs_match_reference(server: dict) -> None:
                                           stop=["e", "\n"], logprobs=3, temperature=0.8, top_p=0.9)
     assert [ch.index for ch in r.choices] == [0, 1, 2]
     for ch in r.choices:
-        text, lps = reference(path, prompt, 100 + ch.index, 30, 0.8, 0.9, stop=("e", "\n"))
+        text, lps = reference(path, prompt, 100, 30, 0.8, 0.9, stop=("e", "\n"), index=ch.index)
         assert ch.text == text
         assert ch.finish_reason == ("stop" if len(ch.logprobs.tokens) < 30 else "length")
         assert len(ch.logprobs.tokens) == len(ch.logprobs.token_logprobs) == len(ch.logprobs.top_logprobs)

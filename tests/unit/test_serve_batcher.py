@@ -23,6 +23,7 @@ from models.checkpoint import save_checkpoint
 from models.config import GPTConfig
 from models.generation import SamplingParams, generate
 from models.gpt import GPT
+from models.seeding import derive_seed
 from models.tokenizer import Tokenizer
 
 
@@ -75,7 +76,7 @@ def test_batched_jobs_equal_each_job_alone_and_the_reference(engine: Batcher, to
         for c, a in zip(choices, alone):
             assert (c.text, c.token_ids, c.finish_reason) == (a.text, a.token_ids, a.finish_reason)
             prompt = job.prompts[c.index // job.n]
-            text, ids, lps, finish = reference(engine, prompt, job.seed + c.index, job)
+            text, ids, lps, finish = reference(engine, prompt, derive_seed(job.seed, c.index), job)
             assert (c.text, c.finish_reason) == (text, finish)
             if c.finish_reason == "length" or not job.stop:
                 assert c.token_ids == ids
