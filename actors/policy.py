@@ -22,7 +22,6 @@ import torch
 from actors.base import (
     RolloutMeta,
     WeightsMessage,
-    derive_seed,
     device,
     load_model,
     meta_of,
@@ -44,6 +43,7 @@ from cluster.worker_group import DistributedWorker
 from models.generation import SamplingParams, tempered
 from models.losses import entropy_from_logits, lm_loss, policy_loss
 from models.masked import masked_mean
+from models.seeding import derive_seed
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from actors.base import ScoreMeta, derive_seed, device, load_model, score_meta
+from actors.base import ScoreMeta, device, load_model, score_meta
 from actors.rollout import Rollout, RolloutError
 from cluster.deepspeed_engine import EngineSpec, build_engine, global_token_scale, load_engine, save_engine
 from cluster.worker_group import DistributedWorker
 from models.losses import value_loss
+from models.seeding import derive_seed
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.base import RolloutMeta, ScoreMeta, derive_seed
+from actors.base import RolloutMeta, ScoreMeta
 from actors.groups import PolicyGroup, PromptShard, ReferenceGroup, RewardGroup, RolloutGroup, ValueGroup
 from actors.policy import UpdateResult, WeightsInfo, n_steps
 from actors.rollout import Rollout, finalize
@@ -42,6 +42,7 @@ from jobs.config import ConfigError, to_dict
 from jobs.rl.config import PPOJobConfig, RoleSpecs, abspath, parse_fault, role_specs
 from jobs.runs import start_run
 from models.advantages import AdaptiveKLController, FixedKLController
+from models.seeding import derive_seed, stream_slice
 
 # Config fields that shape the trajectory: a resumed run must not change them (iterations, timeouts, faults,
 # placement layout and the cluster address may change).
@@ -83,14 +84,7 @@ def _finalize_task(n: int, options: dict[str, Any], *items: Any) -> tuple[Any, .
 
 def prompt_order(n_prompts: int, seed: int, iteration: int, batch: int) -> list[int]:
     """Prompt indices of an iteration: an endless stream of per-epoch permutations, position = iteration·batch."""
-    out, cache = [], {}
-    for pos in range(iteration * batch, (iteration + 1) * batch):
-        epoch, k = divmod(pos, n_prompts)
-        if epoch not in cache:
-            cache[epoch] = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch]))).permutation(
-                n_prompts)
-        out.append(int(cache[epoch][k]))
-    return out
+    return [int(i) for i in stream_slice(n_prompts, iteration * batch, batch, seed)]
 
 
 def _dotted(d: dict[str, Any], key: str) -> Any:
