@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from models.losses import (
+    aggregate_loss,
     entropy_from_logits,
     kwise_ranking_loss,
     lm_loss,
     pairwise_accuracy,
     policy_loss,
+    ranked_pairs,
     value_loss,
 )
 
@@ -221,3 +223,148 @@ def test_entropy_from_logits_on_cpu():
     assert_close(entropy_from_logits(torch.zeros(2, 5)), torch.full((2,), math.log(5)))  # uniform → log V
     peaked = torch.tensor([[0.0, -1e4, -1e4]])
     assert_close(entropy_from_logits(peaked), torch.zeros(1))  # no NaN from 0·log 0
+
+
+# --- policy-loss variants: aggregation, DAPO clip-higher, KL loss term ------------------------------------------
+
+
+def naive_policy_loss(logp, old, adv, mask, clip_low, clip_high, loss_agg, max_len, kl_coef, ref):
+    """Token by token with Python floats: ℓ = max(−Aρ, −A·clip(ρ, 1−ε_l, 1+ε_h)) + β·k3, then the aggregation."""
+    b, t = mask.shape
+    rows = []
+    for i in range(b):
+        row = []
+        for s in range(t):
+            if mask[i, s]:
+                rho = math.exp(float(logp[i, s]) - float(old[i, s]))
+                a = float(adv[i, s])
+                loss = max(-a * rho, -a * min(max(rho, 1 - clip_low), 1 + clip_high))
+                log_r = float(ref[i, s]) - float(logp[i, s])
+                row.append(loss + kl_coef * (math.exp(log_r) - log_r - 1))
+        rows.append(row)
+    if loss_agg == "token-mean":
+        return sum(sum(r) for r in rows) / sum(len(r) for r in rows)
+    if loss_agg == "seq-mean-token-mean":
+        return sum(sum(r) / len(r) if r else 0.0 for r in rows) / b
+    return sum(sum(r) for r in rows) / (b * max_len)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("seed,b,t,clip_low,clip_high,kl_coef", [
+    (0, 4, 7, 0.2, 0.2, 0.0), (1, 6, 5, 0.2, 0.28, 0.0), (2, 3, 11, 0.1, 0.3, 0.04), (3, 8, 4, 0.2, 0.28, 0.5),
+])  # fmt: skip
+def test_policy_loss_variants_match_naive_loop_on_cpu(loss_agg, seed, b, t, clip_low, clip_high, kl_coef):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, t + 1, (b,), generator=gen)  # includes empty rows
+    lengths[0] = t
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    logp = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 2
+    old = logp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)
+    ref = logp + 0.5 * torch.randn(b, t, generator=gen, dtype=torch.float64)
+    adv = torch.randn(b, t, generator=gen, dtype=torch.float64)
+    max_len = t + 2
+    loss, m = policy_loss(logp, old, adv, mask, 0.2, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg,
+                          max_response_len=max_len, kl_coef=kl_coef, ref_logprobs=ref)  # fmt: skip
+    expected = naive_policy_loss(logp, old, adv, mask, clip_low, clip_high, loss_agg, max_len, kl_coef, ref)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    ratio = (logp - old).exp()
+    low = ((ratio < 1 - clip_low) & (adv < 0))[mask].double().mean()
+    high = ((ratio > 1 + clip_high) & (adv > 0))[mask].double().mean()
+    assert m["clipfrac_low"].item() == pytest.approx(low.item()) and m["clipfrac_high"].item() == pytest.approx(
+        high.item()
+    )
+    assert m["clipfrac"].item() == pytest.approx((low + high).item())  # A ≠ 0: clipped ⇔ low or high
+    assert ("kl" in m) == (kl_coef != 0)
+
+
+def test_policy_loss_defaults_are_ppo_on_cpu():
+    """Explicit PPO settings give the same numbers (bit for bit) as the call sites' 5-argument form."""
+    gen = torch.Generator().manual_seed(5)
+    logp, old, adv = (torch.randn(4, 6, generator=gen) for _ in range(3))
+    mask = torch.rand(4, 6, generator=gen) > 0.3
+    base, m0 = policy_loss(logp, old, adv, mask, 0.2)
+    explicit, m1 = policy_loss(logp, old, adv, mask, 0.2, clip_low=0.2, clip_high=0.2, loss_agg="token-mean",
+                               kl_coef=0.0, ref_logprobs=torch.zeros(4, 6))  # fmt: skip
+    assert torch.equal(base, explicit) and all(torch.equal(m0[k], m1[k]) for k in m0)
+    assert "kl" not in m0
+
+
+def test_dapo_clip_higher_hand_worked_on_cpu():
+    """DAPO §3.1: a low-probability token with A > 0 may grow to ρ = 1 + ε_high, further than 1 + ε_low."""
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.25, 0.75]])).requires_grad_(True)
+    adv = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    # symmetric ε = 0.2: token 0 clipped at 1.2 (−1.2); token 1: A<0, ρ=0.75 < 0.8 → clipped at 0.8 (+0.8)
+    loss, m = policy_loss(new, old, adv, mask, 0.2)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2) and m["clipfrac"].item() == 1.0
+    # clip_high = 0.28: token 0 is inside [0.8, 1.28] → −1.25, and its gradient flows: d(−ρ)/dlogπ / 2 = −0.625
+    loss, m = policy_loss(new, old, adv, mask, 0.2, clip_high=0.28)
+    assert loss.item() == pytest.approx((-1.25 + 0.8) / 2)
+    assert m["clipfrac_high"].item() == 0.0 and m["clipfrac_low"].item() == 0.5
+    loss.backward()
+    assert_close(new.grad, torch.tensor([[-0.625, 0.0]]))
+
+
+def test_aggregate_loss_hand_worked_on_cpu():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0], [7.0, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])  # row 2 is empty
+    assert aggregate_loss(per_token, mask, "token-mean").item() == pytest.approx(10 / 4)
+    assert aggregate_loss(per_token, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4 + 0) / 3)
+    assert aggregate_loss(per_token, mask, "seq-mean-token-sum-norm", 5).item() == pytest.approx(10 / (3 * 5))
+
+
+def test_policy_loss_bad_settings_raise_on_cpu():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="loss_agg"):
+        policy_loss(x, x, x, x, 0.2, loss_agg="sum")
+    with pytest.raises(ValueError, match="max_response_len"):
+        policy_loss(x, x, x, x, 0.2, loss_agg="seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="max_response_len: 2 is shorter"):
+        policy_loss(x, x, x, x, 0.2, loss_agg="seq-mean-token-sum-norm", max_response_len=2)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        policy_loss(x, x, x, x, 0.2, kl_coef=0.1)
+    with pytest.raises(ValueError, match="clip_high"):
+        policy_loss(x, x, x, x, 0.2, clip_high=-0.1)
+
+
+def test_kl_loss_term_gradient_on_cpu():
+    """The k3 term's gradient w.r.t. logπ is β·(1 − π_ref/π) per token (÷ token count): 0 at π = π_ref, pulling
+    logπ down where π > π_ref and up where π < π_ref."""
+    gen = torch.Generator().manual_seed(6)
+    logp = torch.randn(3, 4, generator=gen, dtype=torch.float64).requires_grad_(True)
+    ref = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    mask = torch.ones(3, 4)
+    zero_adv = torch.zeros(3, 4, dtype=torch.float64)
+    loss, m = policy_loss(logp, logp.detach(), zero_adv, mask, 0.2, kl_coef=0.1, ref_logprobs=ref)
+    loss.backward()
+    assert_close(logp.grad, 0.1 * (1 - torch.exp(ref - logp.detach())) / 12)
+    lp = logp.detach()
+    assert m["kl"].item() == pytest.approx(float((torch.exp(ref - lp) - (ref - lp) - 1).mean()))
+    on_ref, _ = policy_loss(ref, ref, zero_adv, mask, 0.2, kl_coef=0.1, ref_logprobs=ref)
+    assert on_ref.item() == 0.0
+
+
+def test_sequence_level_ratio_on_policy_is_reinforce_on_cpu():
+    """(B, 1) sequence log-probs + mask of ones (TRL's RLOO form): on-policy the gradient is −A_b/B · ∇Σ_t logπ,
+    the REINFORCE estimator of Ahmadian et al. 2024 §3."""
+    gen = torch.Generator().manual_seed(7)
+    token_logp = torch.randn(5, 6, generator=gen, dtype=torch.float64).requires_grad_(True)
+    mask = torch.rand(5, 6, generator=gen) > 0.3
+    adv = torch.randn(5, generator=gen, dtype=torch.float64)
+    seq = torch.where(mask, token_logp, 0.0).sum(1, keepdim=True)
+    loss, _ = policy_loss(seq, seq.detach(), adv[:, None], torch.ones(5, 1), 0.2)
+    loss.backward()
+    assert loss.item() == pytest.approx(-adv.mean().item())
+    assert_close(token_logp.grad, torch.where(mask, -adv[:, None] / 5, 0.0))
+
+
+@pytest.mark.parametrize("k", range(2, 8))
+def test_ranked_pairs_enumerate_all_pairs_in_rank_order_on_cpu(k):
+    gen = torch.Generator().manual_seed(k)
+    ranking = random_rankings(gen, 3, k)
+    chosen, rejected = ranked_pairs(ranking)
+    for n in range(3):
+        order = ranking[n].tolist()
+        expected = [(order[i], order[j]) for i, j in itertools.combinations(range(k), 2)]
+        assert list(zip(chosen[n].tolist(), rejected[n].tolist())) == expected
