@@ -149,6 +149,12 @@ class Tokenizer:
         """Token ids of `text`. A literal `<|endoftext|>` in the text is encoded as the special token."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` and each token's [start, end) character offsets in `text` (for loss masks over
+        character spans, e.g. the assistant turns of models.chat)."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, [(int(s), int(e)) for s, e in enc.offsets]
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
