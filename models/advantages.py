@@ -12,8 +12,8 @@ References
 - GRPO: Shao et al. 2024, "DeepSeekMath", §4.1.2; Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like
   Training: A Critical Perspective", §3.1.
 - RLOO: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
-  Feedback in LLMs", §3; Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!".
-- REINFORCE++: Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models", §3.
+  Feedback in LLMs"; Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!".
+- REINFORCE++: Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models".
 
 Estimators are selected by name through `ADVANTAGE_ESTIMATORS` / `compute_advantages` ("gae" | "grpo" | "rloo" |
 "reinforce_pp"), each formula written once below.
@@ -169,7 +169,7 @@ def sequence_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, 
     """R = score − β·Σ_t KL_t per response: `per_token_rewards` summed over the response. (B,), (B, T), (B, T) → (B,).
 
     The KL-in-reward sequence objective (Ziegler et al. 2019 §2.2) as the critic-free estimators consume it; RLOO's
-    paper and TRL's RLOOTrainer use it with the k1 estimator (Ahmadian et al. 2024 §3). β = 0 gives the score.
+    paper and TRL's RLOOTrainer use it with the k1 estimator (Ahmadian et al. 2024). β = 0 gives the score.
     """
     return per_token_rewards(score, kl, mask, beta).sum(dim=-1)
 
@@ -186,7 +186,7 @@ def grpo_advantages(
 
     Shao et al. 2024 (DeepSeekMath) §4.1.2 "outcome supervision": every token of response i gets Â_i.
     scale: "group" = divide by the group's std (GRPO); "none" = keep the mean-centred reward (Dr. GRPO, Liu et al.
-    2025 §3.1: the std divide up-weights prompts that are too easy or too hard); "batch" = divide by the std of
+    2025: the std divide up-weights prompts that are too easy or too hard); "batch" = divide by the std of
     all B rewards (TRL's scale_rewards="batch"). std is unbiased; eps = 1e-4 as TRL's GRPOTrainer (a group whose
     rewards are all equal gets Â = 0, not NaN). Group layout: see the section comment above.
     """
@@ -205,7 +205,7 @@ def grpo_advantages(
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """REINFORCE Leave-One-Out (Ahmadian et al. 2024, §3, eq. 6; Kool et al. 2019): Â_i = R_i − (1/(G−1))·Σ_{j≠i} R_j.
+    """REINFORCE Leave-One-Out (Ahmadian et al. 2024; Kool et al. 2019): Â_i = R_i − (1/(G−1))·Σ_{j≠i} R_j.
 
     The baseline of response i is the mean reward of its G−1 siblings, so it does not depend on R_i (the estimator
     stays unbiased). Equivalently Â_i = G/(G−1)·(R_i − mean(R_group)). rewards (B,) → (B,); group layout above.
@@ -231,7 +231,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
 def reinforce_pp_advantages(
     score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float, gamma: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning LLMs", §3).
+    """REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning LLMs").
 
     r_t = −β·KL_t + score·[t = last] (token-level KL penalty in the reward, `per_token_rewards`);
     G_t = Σ_{s≥t} γ^{s−t} r_s (`discounted_returns`); Â_t = (G_t − μ) / σ with μ, σ over every valid token of the

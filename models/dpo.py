@@ -6,7 +6,7 @@ being trained and under the frozen reference (computed once, before training).
 
 References
 - Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model", eq. 7
-  (loss) and §5 (implicit reward r̂ = β·log π/π_ref).
+  (loss) and its implicit reward r̂ = β·log π/π_ref.
 - Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences" (IPO), eq. 17.
 - Ouyang et al. 2022 (InstructGPT) §3.5: a K-wise ranking yields C(K,2) comparisons (`models.losses.ranked_pairs`).
 """
@@ -65,7 +65,7 @@ def _check(beta: float, *logps: torch.Tensor) -> None:
 
 
 def _metrics(chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor, beta: float) -> Metrics:
-    """DPO's implicit rewards r̂ = β·log π/π_ref (Rafailov et al. 2023 §5), as TRL logs them (means over pairs)."""
+    """DPO's implicit rewards r̂ = β·log π/π_ref (Rafailov et al. 2023), as TRL logs them (means over pairs)."""
     with torch.no_grad():
         chosen, rejected = beta * chosen_logratio, beta * rejected_logratio
         return {

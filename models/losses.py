@@ -11,7 +11,7 @@ References
 - Ouyang et al. 2022 (InstructGPT) eq. 1: K-wise ranking loss; eq. 2: PPO-ptx objective.
 - Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7: clipped surrogate objective.
 - Shao et al. 2024, "DeepSeekMath" §4.1 eq. 3: GRPO objective (per-sequence token mean, KL term with k3).
-- Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO) §3.1: constant normaliser.
+- Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO): constant normaliser.
 - Yu et al. 2025, "DAPO" §3.1 (clip-higher: ε_low ≠ ε_high), §3.3 (token-level policy-gradient loss).
 """
 
@@ -130,7 +130,7 @@ def aggregate_loss(
       TRL/OpenRLHF; DAPO's token-level loss, Yu et al. 2025 §3.3; TRL loss_type "bnpo"/"dapo").
     - "seq-mean-token-mean": mean_b (Σ_t ℓ / |y_b|) — GRPO as written (Shao et al. 2024 eq. 3, TRL loss_type
       "grpo"): a token of a short response weighs more than one of a long response.
-    - "seq-mean-token-sum-norm": Σ_{b,t} ℓ / (B · max_response_len) — Dr. GRPO (Liu et al. 2025 §3.1, TRL
+    - "seq-mean-token-sum-norm": Σ_{b,t} ℓ / (B · max_response_len) — Dr. GRPO (Liu et al. 2025, TRL
       loss_type "dr_grpo"): a constant normaliser, so no length bias; `max_response_len` is required (pass the
       sampler's max_new_tokens, not the padded T of this batch, or the normaliser changes between batches).
     A row with no valid token contributes 0 and still counts in B for the two sequence means.
