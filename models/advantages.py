@@ -252,13 +252,13 @@ class AdvantageInputs:
 
     scores: (B,) sequence reward (learned RM and/or rule rewards, already composed). mask: (B, T) action mask.
     kl: (B, T) per-token KL estimate of the sampling policy to the reference (`kl_penalty`), used with kl_coef as
-    KL in the reward (0 where masked; pass zeros with kl_coef = 0 when KL is a loss term instead).
+    KL in the reward; None = no KL in the reward (KL as a loss term instead, or none), which needs kl_coef = 0.
     values: (B, T) critic values — "gae" only. group_size: responses per prompt — "grpo", "rloo".
     """
 
     scores: torch.Tensor
     mask: torch.Tensor
-    kl: torch.Tensor
+    kl: torch.Tensor | None = None
     kl_coef: float = 0.0
     values: torch.Tensor | None = None
     gamma: float = 1.0
@@ -285,10 +285,19 @@ def _broadcast(per_response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), per_response[:, None].to(mask.device), torch.zeros((), dtype=per_response.dtype))
 
 
+def _kl(x: AdvantageInputs) -> torch.Tensor:
+    """The per-token KL of the reward: x.kl, or zeros when there is no KL in the reward (then kl_coef must be 0)."""
+    if x.kl is not None:
+        return x.kl
+    if x.kl_coef != 0:
+        raise ValueError("kl: kl_coef != 0 puts KL in the reward and needs the per-token KL estimate (B, T)")
+    return torch.zeros(x.mask.shape, dtype=x.scores.dtype, device=x.scores.device)
+
+
 def _gae(x: AdvantageInputs) -> AdvantageResult:
     if x.values is None:
         raise ValueError("values: the 'gae' estimator needs critic values (B, T); the critic-free ones do not")
-    rewards = per_token_rewards(x.scores, x.kl, x.mask, x.kl_coef)
+    rewards = per_token_rewards(x.scores, _kl(x), x.mask, x.kl_coef)
     advantages, returns = gae(rewards, x.values, x.mask, x.gamma, x.lam)
     if x.whiten_advantages:
         advantages = whiten(advantages, x.mask)
@@ -296,19 +305,19 @@ def _gae(x: AdvantageInputs) -> AdvantageResult:
 
 
 def _grpo(x: AdvantageInputs) -> AdvantageResult:
-    rewards = per_token_rewards(x.scores, x.kl, x.mask, x.kl_coef)
+    rewards = per_token_rewards(x.scores, _kl(x), x.mask, x.kl_coef)
     adv = grpo_advantages(rewards.sum(dim=-1), x.group_size, x.scale, x.eps)
     return AdvantageResult(_broadcast(adv, x.mask), None, rewards)
 
 
 def _rloo(x: AdvantageInputs) -> AdvantageResult:
-    rewards = per_token_rewards(x.scores, x.kl, x.mask, x.kl_coef)
+    rewards = per_token_rewards(x.scores, _kl(x), x.mask, x.kl_coef)
     adv = rloo_advantages(rewards.sum(dim=-1), x.group_size)
     return AdvantageResult(_broadcast(adv, x.mask), None, rewards)
 
 
 def _reinforce_pp(x: AdvantageInputs) -> AdvantageResult:
-    advantages, returns, rewards = reinforce_pp_advantages(x.scores, x.kl, x.mask, x.kl_coef, x.gamma)
+    advantages, returns, rewards = reinforce_pp_advantages(x.scores, _kl(x), x.mask, x.kl_coef, x.gamma)
     return AdvantageResult(advantages, returns, rewards)
 
 
@@ -345,7 +354,7 @@ def get_estimator(name: str, group_size: int = 1) -> Estimator:
 
 def compute_advantages(name: str, inputs: AdvantageInputs) -> AdvantageResult:
     """Run the estimator registered as `name` ("gae" | "grpo" | "rloo" | "reinforce_pp") on `inputs`."""
-    scores, mask, kl = inputs.scores, inputs.mask, inputs.kl
+    scores, mask, kl = inputs.scores, inputs.mask, _kl(inputs)
     if scores.dim() != 1 or mask.dim() != 2 or mask.shape[0] != scores.shape[0] or kl.shape != mask.shape:
         raise ValueError(
             f"shapes: scores {tuple(scores.shape)}, mask {tuple(mask.shape)}, kl {tuple(kl.shape)}; "

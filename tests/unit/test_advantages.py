@@ -380,6 +380,12 @@ def test_registry_names_flags_and_errors_on_cpu():
         compute_advantages("gae", AdvantageInputs(scores, mask, kl))
     with pytest.raises(ValueError, match="shapes"):
         compute_advantages("rloo", AdvantageInputs(scores[:-1], mask, kl, group_size=4))
+    with pytest.raises(ValueError, match="kl: kl_coef"):
+        compute_advantages("reinforce_pp", AdvantageInputs(scores, mask, kl_coef=0.1))
+    # No KL in the reward (GRPO with KL as a loss term): kl=None is the same as zeros.
+    no_kl = compute_advantages("grpo", AdvantageInputs(scores, mask, group_size=4))
+    zero_kl = compute_advantages("grpo", AdvantageInputs(scores, mask, torch.zeros_like(kl), group_size=4))
+    assert torch.equal(no_kl.advantages, zero_kl.advantages)
 
 
 @pytest.mark.parametrize("whiten_advantages", [True, False])
