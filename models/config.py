@@ -234,7 +234,7 @@ class T5Config(_ConfigMixin):
     d_kv: int = 64
     d_ff: int = 2048
     num_layers: int = 6
-    num_decoder_layers: int | None = None  # None = num_layers
+    num_decoder_layers: int | None = None  # None = num_layers (resolved on construction)
     num_heads: int = 8
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
@@ -251,8 +251,9 @@ class T5Config(_ConfigMixin):
     def __post_init__(self) -> None:
         _positive_ints(self, "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
                        "relative_attention_num_buckets", "relative_attention_max_distance", "n_ctx")
-        if self.num_decoder_layers is not None:
-            _positive_ints(self, "num_decoder_layers")
+        if self.num_decoder_layers is None:  # symmetric by default, resolved now so configs compare equal
+            object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        _positive_ints(self, "num_decoder_layers")
         _probability(self, "dropout_rate")
         if self.feed_forward_proj not in ("relu", "gated-gelu"):
             raise ModelConfigError(f"feed_forward_proj: must be 'relu' (v1.0) or 'gated-gelu' (v1.1), "
@@ -271,7 +272,7 @@ class T5Config(_ConfigMixin):
 
     @property
     def n_decoder_layers(self) -> int:
-        return self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers
+        return self.num_decoder_layers or self.num_layers
 
     @property
     def inner_dim(self) -> int:
