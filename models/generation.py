@@ -1,5 +1,10 @@
-"""Batched sampling with a pre-allocated KV cache: greedy, temperature, top-k, top-p, EOS stop, left padding,
-per-row seeds (a row's sample does not depend on what else is in the batch), per-token log-probs for PPO.
+"""Sampling: greedy, temperature, top-k, top-p, EOS stop, left-padded prompts, per-row seeds (a row's sample does
+not depend on what else is in the batch), per-token log-probs for PPO.
+
+`generate` decodes with continuous batching (`models.batching`: finished rows leave the batch, waiting prompts take
+their KV-cache slots, a prompt's prefill is shared by its n samples); `stream` is the static-batch step-by-step
+sampler the server streams from. Both draw row i's step-t token with the counter-based uniform U(seed_i, t)
+(`models.rng`), so the same seed gives the same tokens in either, in any batch.
 
 `SamplingParams` is the one sampling-parameters type of the project: job configs embed it as their `sampling`
 section, the RLHF actors, evaluation and the server pass it here. Which token ends a row (`eos_id`) and the
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.gpt import GPT
+from models.rng import sample_categorical, uniform
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,9 @@ Seeds = int | Sequence[int] | None  # one seed for the batch (row i uses seed + 
 
 
 def tempered(logits: Tensor, temperature: float) -> Tensor:
-    """logits / T for T > 0; greedy (T = 0) keeps the logits as they are. The one temperature rule."""
-    return logits / temperature if temperature > 0 else logits
+    """logits / T for T > 0; greedy (T = 0) keeps the logits as they are. The one temperature rule.
+    (T = 1 skips the division: x / 1 == x exactly, and a (B, V) pass per decoding step is not free.)"""
+    return logits / temperature if temperature > 0 and temperature != 1 else logits
 
 
 def tempered_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
@@ -109,29 +116,31 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def _generators(seed: Seeds, batch: int) -> list[torch.Generator] | None:
-    if seed is None:
-        return None
-    seeds = [seed + i for i in range(batch)] if isinstance(seed, int) else list(seed)
-    if len(seeds) != batch:
-        raise ValueError(f"seed: got {len(seeds)} seeds for a batch of {batch}")
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+def row_seeds(seeds: Seeds, batch: int, device: torch.device | str = "cpu") -> Tensor:
+    """(batch,) int64 seeds, one per row: `seeds + i` for an int, the given list, or — for None — a base drawn
+    from torch's global RNG (so `torch.manual_seed` still makes an unseeded call reproducible). Python ints of
+    any size are reduced to their low 64 bits."""
+    if seeds is None:
+        return torch.randint(0, 2**62, (1,)).to(device) + torch.arange(batch, device=device)
+    values = [seeds + i for i in range(batch)] if isinstance(seeds, int) else [int(s) for s in seeds]
+    if len(values) != batch:
+        raise ValueError(f"seeds: got {len(values)} seeds for a batch of {batch}")
+    return torch.tensor([(v + 2**63) % 2**64 - 2**63 for v in values], dtype=torch.long, device=device)
 
 
-def sample_next(logits: Tensor, params: SamplingParams, gens: list[torch.Generator] | None) -> tuple[Tensor, Tensor]:
-    """logits (B, V) of the next position → (tokens (B,), logprobs (B,))."""
+def sample_next(logits: Tensor, params: SamplingParams, seeds: Tensor, steps: Tensor | int) -> tuple[Tensor, Tensor]:
+    """logits (B, V) of the next position → (tokens (B,), logprobs (B,)).
+
+    Row i draws with the counter-based uniform U(seeds[i], steps[i]) (`models.rng`): its token depends on its own
+    seed, step and logits only. Greedy (T = 0) takes the argmax and reports log softmax(logits)."""
     logits = logits.float()
+    scaled = tempered(logits, params.temperature)
+    logp = F.log_softmax(scaled, -1)
     if params.temperature == 0:
         tokens = logits.argmax(-1)
-        return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    scaled = tempered(logits, params.temperature)
-    probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
-    if gens is None:
-        tokens = torch.multinomial(probs, 1).squeeze(-1)
-    else:  # one generator per row: a row's draw is independent of its batch-mates
-        tokens = torch.cat([torch.multinomial(probs[i].cpu(), 1, generator=g) for i, g in enumerate(gens)])
-        tokens = tokens.to(logits.device)
-    return tokens, F.log_softmax(scaled, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    else:
+        tokens = sample_categorical(scaled, uniform(seeds, steps), params.top_k, params.top_p)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 @torch.no_grad()
@@ -151,7 +160,7 @@ def stream(model: GPT, input_ids: Tensor, attention_mask: Tensor, params: Sampli
             f"max_new_tokens: prompt ({P}) + max_new_tokens ({params.max_new_tokens}) exceeds n_ctx={n_ctx}"
         )
     device = model.lm_head.weight.device
-    gens = _generators(seeds, B)
+    row_seed = row_seeds(seeds, B, device)
     cache = model.new_cache(B, P + params.max_new_tokens)
     mask = torch.zeros((B, P + params.max_new_tokens), dtype=torch.long, device=device)
     mask[:, :P] = attention_mask.to(device)
@@ -159,7 +168,7 @@ def stream(model: GPT, input_ids: Tensor, attention_mask: Tensor, params: Sampli
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     pad = eos_id if eos_id is not None else 0
     for t in range(params.max_new_tokens):
-        tokens, logprobs = sample_next(logits, params, gens)
+        tokens, logprobs = sample_next(logits, params, row_seed, t)
         active = ~finished
         tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
         yield tokens, torch.where(active, logprobs, torch.zeros_like(logprobs)), active
@@ -174,24 +183,39 @@ def stream(model: GPT, input_ids: Tensor, attention_mask: Tensor, params: Sampli
 @torch.no_grad()
 def generate(model: GPT, prompts: Sequence[Sequence[int]] | Tensor, params: SamplingParams, *,
              eos_id: int | None = None, seeds: Seeds = None, attention_mask: Tensor | None = None,
-             pad_id: int | None = None) -> Generation:
-    """Sample continuations for a batch of prompts (token lists, or already left-padded ids + mask). Rows stop
-    at `eos_id` (None: run max_new_tokens); `seeds` make each row's draws its own (see `Seeds`)."""
+             pad_id: int | None = None, n: int = 1, max_rows: int | None = None) -> Generation:
+    """Sample n continuations of each prompt (token lists, or already left-padded ids + mask): len(prompts)·n
+    rows, row i·n + j = sample j of prompt i. Rows stop at `eos_id` (None: run max_new_tokens); `seeds` give
+    every row its own draws (see `Seeds`; an int s seeds row r with s + r).
+
+    Decoding is `models.batching.decode`: continuous batching over at most `max_rows` slots (None: every row at
+    once), each prompt prefilled once for its n samples. A row's tokens do not depend on `max_rows`, `n`-sharing
+    or its batch-mates (same seeds, same tokens)."""
+    from models.batching import decode  # batching builds on this module's sampler
+
     pad = pad_id if pad_id is not None else (eos_id or 0)
     if isinstance(prompts, Tensor):
         ids = prompts
         mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+        lists = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     else:
         ids, mask = left_pad(prompts, pad)
-    steps = list(stream(model, ids, mask, params, eos_id=eos_id, seeds=seeds))
-    response = torch.stack([s[0] for s in steps], 1).cpu()
-    logprobs = torch.stack([s[1] for s in steps], 1).cpu()
-    response_mask = torch.stack([s[2] for s in steps], 1).long().cpu()
+        lists = [list(p) for p in prompts]
+    if not lists:
+        raise ValueError("prompts: empty batch")
+    rows = len(lists) * n
+    out = decode(model, lists, params, seeds=row_seeds(seeds, rows, model.lm_head.weight.device), eos_id=eos_id,
+                 n=n, max_rows=max_rows, pad_id=pad)
+    N = int(out.lengths.max())
+    response_mask = (torch.arange(N) < out.lengths[:, None]).long()
+    if n > 1:
+        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+    response = out.tokens[:, :N]
     return Generation(
         sequences=torch.cat([ids, response], 1),
         attention_mask=torch.cat([mask, response_mask], 1),
         prompt_len=ids.size(1),
         response_ids=response,
         response_mask=response_mask,
-        logprobs=logprobs,
+        logprobs=out.logprobs[:, :N],
     )
