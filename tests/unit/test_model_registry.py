@@ -11,7 +11,15 @@ import torch
 from models.config import ElmoConfig, GPTConfig, ModelConfigError, T5Config, arch_of, config_class
 from models.elmo import ELMo
 from models.gpt import GPT
-from models.registry import build_model, load_model, save_model
+from models.registry import (
+    T5_SENTINELS,
+    build_model,
+    check_parallel,
+    load_model,
+    model_vocab_size,
+    pretrain_loss,
+    save_model,
+)
 from models.t5 import T5
 from models.tokenizer import Tokenizer
 
@@ -59,3 +67,34 @@ def test_config_dicts_round_trip_and_unknown_names_are_errors() -> None:
         T5Config.from_dict({"d_kv": 0})
     with pytest.raises(ModelConfigError, match="filters"):
         ElmoConfig(filters=((9, 4),), max_bytes=8)
+
+
+@pytest.mark.parametrize("cfg", [
+    GPTConfig.from_name("nano", vocab_size=400),
+    T5Config.from_name("t5-nano", vocab_size=400),
+    ElmoConfig.from_name("elmo-nano", vocab_size=400),
+], ids=["gpt", "t5", "elmo"])
+def test_pretrain_loss_trains_every_architecture(cfg, tok: Tokenizer) -> None:
+    torch.manual_seed(0)
+    model = build_model(cfg, tok)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 3
+    ids = torch.tensor(tok.encode(text)[:48]).view(2, 24)
+    assert model_vocab_size("t5", tok.vocab_size) == tok.vocab_size + T5_SENTINELS <= 400  # sentinels above text
+    losses = []
+    for step in range(15):
+        loss, _ = pretrain_loss(model, ids, seed=step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_unsupported_parallel_layouts_are_named() -> None:
+    check_parallel("gpt", tensor=2, pipeline=2)
+    check_parallel("t5", tensor=1, pipeline=1)
+    with pytest.raises(ModelConfigError, match="parallel.tensor"):
+        check_parallel("t5", tensor=2, pipeline=1)
+    with pytest.raises(ModelConfigError, match="parallel.pipeline"):
+        check_parallel("elmo", tensor=1, pipeline=2)
