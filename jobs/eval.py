@@ -1,9 +1,11 @@
 """`raygpt eval`: held-out evaluation of any checkpoints (InstructGPT §4; DESIGN.md "Embedded RLHF task").
 
-For every language-model checkpoint in `models` (label → directory):
+For every language-model checkpoint in `models` (label → directory), through the one held-out evaluation
+(jobs/rlhf/evaluation.py `compare_models`, also behind the RL job's final report and the demo):
 - gold score: the task's labeler (VADER for the embedded task) on one sampled response per held-out prompt;
 - proxy score: the reward model's score of the same responses (normalised: SFT demonstrations average 0), so
   over-optimisation of the proxy shows up as proxy rising while gold does not;
+- KL(model‖kl_reference) on the model's own samples, and response length;
 - perplexity on held-out text (the corpus documents held out of pretraining);
 - the zero/few-shot prompt formats ("TL;DR:", Q/A, "english = french"; jobs/data/tasks/formats.py).
 For every ordered pair of models, the labeler's win rate of A over B on the same prompts (ties count ½), and for
@@ -19,24 +21,22 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.metrics import MetricsWriter
 from jobs.cli import job_main
 from jobs.config import ConfigError, field
 from jobs.data.tasks import TaskConfig, TaskError, build_task
+from jobs.data.tasks.formats import evaluate_formats, resolve_formats
 from jobs.rlhf.checkpoints import load_lm
-from jobs.rlhf.evaluation import (
-    heldout_perplexity,
-    heldout_responses,
-    proxy_scores,
-    rm_accuracy,
-    rm_heldout_file,
-    win_rate,
-)
+from jobs.rlhf.evaluation import evaluate_checkpoints, heldout_perplexity, rm_accuracy, rm_heldout_file
+from jobs.runs import start_run
+from models.checkpoint import CheckpointError, load_checkpoint, read_config, tokenizer_path
+from models.files import atomic_open, write_json
 from models.generation import SamplingParams
+from models.tokenizer import Tokenizer
 
 
 @dataclass
@@ -73,6 +73,8 @@ class EvalConfig:
     sampling: SamplingParams = field(SamplingParams(), help="sampling of the responses")
     batch_size: int = field(128, help="sequences generated together")
     seed: int = field(0, help="sampling seed (the same prompts and seeds for every model)")
+    kl_reference: str = field("sft", help="model whose KL(model‖reference) is reported for every model "
+                                          "('' or a label not in models = none)")
     perplexity: PerplexitySection = field(PerplexitySection(), help="held-out perplexity")
     formats: FormatsSection = field(FormatsSection(), help="prompt formats")
 
@@ -85,13 +87,8 @@ class EvalConfig:
             raise ConfigError("formats.shots: must be >= 0")
 
 
-# --- building blocks (also used by jobs.sft and tests) ---------------------------------------------------------
-
-
-# --- the job ---------------------------------------------------------------------------------------------------
 def check(cfg: EvalConfig) -> None:
-    from models.checkpoint import CheckpointError, read_config, tokenizer_path
-
+    """Checkpoints exist and are of the right kind, before anything is sampled."""
     for label, path in [*cfg.models.items(), *([("reward_model", cfg.reward_model)] if cfg.reward_model else [])]:
         where = f"models.{label}" if label != "reward_model" else "reward_model"
         try:
@@ -102,84 +99,51 @@ def check(cfg: EvalConfig) -> None:
         want = "reward" if label == "reward_model" else "lm"
         if kind != want:
             raise ConfigError(f"{where}: {path} is a {kind!r} checkpoint, expected {want!r}")
+    if cfg.kl_reference and cfg.kl_reference not in cfg.models:
+        raise ConfigError(f"kl_reference: {cfg.kl_reference!r} is not one of models ({', '.join(cfg.models)})")
     if cfg.comparisons and not Path(cfg.comparisons).is_file():
         raise ConfigError(f"comparisons: no such file {cfg.comparisons}")
 
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
-    import torch
-
-    from cluster.metrics import MetricsWriter
-    from jobs.data.tasks.formats import evaluate_formats, resolve_formats
-    from jobs.runs import start_run
-    from models.checkpoint import load_checkpoint, tokenizer_path
-    from models.tokenizer import Tokenizer
-
     check(cfg)
     task = build_task(cfg.task)
+    if not task.has_labeler and not cfg.reward_model:
+        raise TaskError(f"task {task.name!r}: no labeler and no reward model: nothing to score")
     formats = resolve_formats(cfg.formats.names, cfg.formats.file) if cfg.formats.names else []
     prompts = task.prompts("heldout")[:cfg.prompts]
     run_dir = start_run(cfg, cfg.name, cfg.runs_root)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
-    rm = rm_tok = None
-    if cfg.reward_model:
-        rm = load_checkpoint(cfg.reward_model, kind="reward")
-        rm_tok = Tokenizer.from_file(tokenizer_path(cfg.reward_model))
-    metrics: dict[str, Any] = {"prompts": len(prompts)}
-    samples: dict[str, list[str]] = {}
-    gold: dict[str, list[float]] = {}
-    proxy: dict[str, list[float]] = {}
-    for label, path in cfg.models.items():
+    metrics: dict[str, Any] = {}
+    if cfg.models:
+        comparison = evaluate_checkpoints(
+            cfg.models, prompts, cfg.sampling, cfg.seed, gold=task.gold_scores if task.has_labeler else None,
+            reward_model=cfg.reward_model or None,
+            kl_reference=cfg.kl_reference if cfg.kl_reference in cfg.models else None, batch_size=cfg.batch_size)
+        metrics.update(comparison.metrics)
+        with atomic_open(run_dir / "samples.jsonl") as f:
+            f.writelines(json.dumps(row) + "\n" for row in comparison.rows())
+    for label, path in cfg.models.items():  # what needs no sampling: perplexity and the prompt formats
+        if not cfg.perplexity.corpus and not formats:
+            break
         model, tokenizer = load_lm(path)
-        responses = heldout_responses(model, tokenizer, prompts, cfg.sampling, cfg.seed, cfg.batch_size)
-        samples[label] = responses
-        metrics[f"{label}/response_chars"] = sum(map(len, responses)) / len(responses)
-        if task.has_labeler:
-            gold[label] = task.gold_scores(prompts, responses)
-            metrics[f"{label}/gold"] = sum(gold[label]) / len(prompts)
-        if rm is not None:
-            proxy[label] = proxy_scores(rm, rm_tok, prompts, responses)
-            metrics[f"{label}/proxy"] = sum(proxy[label]) / len(prompts)
         if cfg.perplexity.corpus:
             metrics[f"{label}/ppl"] = heldout_perplexity(model, tokenizer, cfg.perplexity.corpus,
-                                                         cfg.perplexity.validation_fraction,
-                                                         cfg.perplexity.max_tokens)
-        for k, v in evaluate_formats(model, tokenizer, formats, cfg.formats.shots,
-                                     cfg.formats.max_new_tokens).items():
+                                                         cfg.perplexity.validation_fraction, cfg.perplexity.max_tokens)
+        for k, v in evaluate_formats(model, tokenizer, formats, cfg.formats.shots, cfg.formats.max_new_tokens).items():
             metrics[f"{label}/{k}"] = v
-    labels = list(gold)
-    for a in labels:
-        for b in labels:
-            if a != b:
-                metrics[f"win_rate/{a}_vs_{b}"] = win_rate(gold[a], gold[b])
-    if rm is not None:
+    if cfg.reward_model:
         comp = cfg.comparisons or rm_heldout_file(cfg.reward_model)
         if comp:
-            metrics.update(rm_accuracy(rm, rm_tok, comp))
+            rm = load_checkpoint(cfg.reward_model, kind="reward")
+            metrics.update(rm_accuracy(rm, Tokenizer.from_file(tokenizer_path(cfg.reward_model)), comp))
             metrics["rm_accuracy_file"] = str(comp)
-    elif not task.has_labeler:
-        raise TaskError(f"task {task.name!r}: no labeler and no reward model: nothing to score")
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     with MetricsWriter(run_dir, tensorboard=False) as w:
         w.write(0, **metrics)
-    _write_samples(run_dir / "samples.jsonl", prompts, samples, gold, proxy)
-    (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(run_dir / "summary.json", metrics)
     print(json.dumps(metrics))
     return metrics
-
-
-def _write_samples(path: Path, prompts: Sequence[str], samples: dict[str, list[str]],
-                   gold: dict[str, list[float]], proxy: dict[str, list[float]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for i, p in enumerate(prompts):
-            row: dict[str, Any] = {"prompt": p}
-            for label, responses in samples.items():
-                row[label] = {"response": responses[i], **({"gold": gold[label][i]} if label in gold else {}),
-                              **({"proxy": proxy[label][i]} if label in proxy else {})}
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actors.reward import score_sequences
 from cluster.train.engine import CheckpointConfig, FailureConfig, FineTuneParallelConfig, OptimConfig, launch
 from jobs.cli import job_main
 from jobs.config import ConfigError, field
@@ -35,7 +36,7 @@ from jobs.data.examples import batch_indices, encode_example, load_elements, ran
 from jobs.data.tasks import TaskConfig, build_task
 from jobs.data.tasks.base import stable_unit
 from jobs.rlhf.checkpoints import check_policy
-from jobs.rlhf.reward_model import REWARD_INPUT, fold_reward_offset, reward_scores, rm_loss_fn
+from jobs.rlhf.reward_model import REWARD_INPUT, fold_reward_offset, rm_loss_fn
 from jobs.rlhf.sampling import GenerateSection, generate_comparisons
 
 
@@ -226,9 +227,9 @@ def train_loop(c: dict[str, Any]) -> None:
     extra: dict[str, Any] = {"reward_input": REWARD_INPUT, **c["sources"], "init_from": c["init_from"],
                              "rm": {"steps": engine.state.step, "train_prompts": len(train)}}
     if c["norm"]:
-        offset = sum(reward_scores(rm, c["norm"], c["pad_id"])) / len(c["norm"])
+        offset = float(score_sequences(rm, c["norm"], c["pad_id"]).mean())
         fold_reward_offset(rm, offset)
-        after = sum(reward_scores(rm, c["norm"], c["pad_id"])) / len(c["norm"])
+        after = float(score_sequences(rm, c["norm"], c["pad_id"]).mean())
         extra["reward_normalization"] = {
             "offset_subtracted": offset, "demonstrations": len(c["norm"]), "mean_after": after,
             "stored_in": "transformer.ln_f.bias, shifted by -offset * score.weight / |score.weight|^2"}

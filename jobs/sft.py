@@ -27,10 +27,11 @@ from typing import Any
 from cluster.train.engine import CheckpointConfig, FailureConfig, FineTuneParallelConfig, OptimConfig, launch
 from jobs.cli import job_main
 from jobs.config import ConfigError, field
-from jobs.data.examples import Example, batch_indices, encode_example, rank_slice, sft_batch
+from jobs.data.examples import ChatExample, Example, batch_indices, encode_demonstration, fits, rank_slice, sft_batch
 from jobs.data.tasks import TaskConfig, build_task
 from jobs.data.tasks.base import stable_unit
 from jobs.rlhf.checkpoints import check_policy
+from jobs.rlhf.evaluation import evaluate_checkpoints
 from models.generation import SamplingParams
 
 
@@ -103,18 +104,19 @@ class SFTConfig:
 # --- data (pure, testable without Ray) -------------------------------------------------------------------------
 
 
-def prepare_demonstrations(cfg: SFTConfig, tokenizer: Any) -> tuple[list[Example], list[Example], dict[str, int]]:
+def prepare_demonstrations(cfg: SFTConfig, tokenizer: Any
+                           ) -> tuple[list[Example | ChatExample], list[Example | ChatExample], dict[str, int]]:
     """(train examples, validation examples, counts): the task's demonstrations, tokenised, too-long ones dropped,
     a hash-chosen validation subset set aside."""
     demos = build_task(cfg.task).demonstrations()
     d = cfg.data
     kept, too_long = [], 0
     for demo in demos:
-        p, r = encode_example(tokenizer, demo.prompt, demo.response)
-        if len(p) > d.max_prompt_tokens or len(r) > d.max_response_tokens or len(r) < 2:
+        e = encode_demonstration(tokenizer, demo)  # a conversation trains on all its assistant turns
+        if not fits(e, d.max_prompt_tokens, d.max_response_tokens):
             too_long += 1
             continue
-        kept.append((demo, (p, r)))
+        kept.append((demo, e))
     # Validation set and subsample chosen by a hash of the text: independent of corpus order.
     kept.sort(key=lambda x: stable_unit(x[0].prompt + "\0" + x[0].response, "sft"))
     val = [e for _, e in kept[:d.val_demonstrations]]
@@ -138,7 +140,6 @@ def set_residual_dropout(model: Any, p: float) -> None:
 # --- driver ---------------------------------------------------------------------------------------------------
 def run(cfg: SFTConfig) -> dict[str, Any]:
     from cluster.runtime import init_ray
-    from jobs.eval import gold_of_checkpoint
     from jobs.runs import start_run
     from models.checkpoint import read_config, tokenizer_path
     from models.tokenizer import Tokenizer
@@ -168,9 +169,10 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     if cfg.eval.prompts:
         task = build_task(cfg.task)
         prompts = task.prompts("heldout")[:cfg.eval.prompts]
-        for label, path in (("init", cfg.init_from), ("sft", str(run_dir / "checkpoint"))):
-            summary[f"gold_heldout_{label}"] = gold_of_checkpoint(path, task, prompts, cfg.eval.sampling,
-                                                                  seed=cfg.seed)[0]
+        comparison = evaluate_checkpoints({"init": cfg.init_from, "sft": run_dir / "checkpoint"}, prompts,
+                                          cfg.eval.sampling, cfg.seed, gold=task.gold_scores)
+        for label in ("init", "sft"):
+            summary[f"gold_heldout_{label}"] = comparison.metrics[f"{label}/gold"]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return summary

@@ -1,6 +1,7 @@
 """Tokenised training examples of the human-feedback stages, and the order they are read in.
 
-- SFT demonstrations: (prompt ids, response ids + EOS) → right-padded LM batches with a response-only loss mask.
+- SFT demonstrations: (prompt ids, response ids + EOS) → right-padded LM batches with a response-only loss mask;
+  conversations (user `messages` data) → `ChatExample` (ids, per-token mask): the loss covers assistant turns only.
 - K-wise comparisons: K sequences prompt + response_j + EOS and the ranking → (B, K, T) reward-model batches.
 - `batch_indices`: the examples of an optimizer step, a pure function of (seed, step), so resume is exact.
 Pure functions, testable without Ray.
@@ -10,49 +11,94 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from jobs.data.tasks import Comparison, read_comparisons
+from actors.reward import close_response
+from jobs.data.tasks import Comparison, Demonstration
+from models.chat import encode_chat
 from models.seeding import stream_slice
 
 Example = tuple[list[int], list[int]]  # (prompt ids, response ids ending with EOS)
 
 
 
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """A prompt as the models see it: the text's tokens (an empty prompt becomes <|endoftext|>)."""
+    return tokenizer.encode(text) or [tokenizer.eos_id]
+
+
 def encode_example(tokenizer: Any, prompt: str, response: str) -> Example:
     """(prompt ids, response ids + [EOS]): the prompt and response are encoded separately, as generation sees
-    them (prompt tokens, then sampled tokens), and the response ends with EOS so the model learns to stop."""
-    return tokenizer.encode(prompt), [*tokenizer.encode(response), tokenizer.eos_id]
+    them (prompt tokens, then sampled tokens), and the response ends with EOS so the model learns to stop (the
+    reward model's EOS rule, `actors.reward.close_response`)."""
+    return encode_prompt(tokenizer, prompt), close_response(tokenizer.encode(response), tokenizer.eos_id)
 
 
 
-def sft_batch(examples: Sequence[Example], pad_id: int, width: int | None = None) -> dict[str, Any]:
-    """Right-padded LM batch with a response-only loss mask.
+class ChatExample(NamedTuple):
+    """A tokenised conversation: ids of the whole rendered text and mask[t] = 1 iff token t is trained on (an
+    assistant turn's tokens and its EOS; models.chat.encode_chat). TRL calls this `assistant_only_loss`."""
 
-    For a sequence s = prompt + response (length L): input_ids = s[:-1], targets = s[1:], and
-    loss_mask[t] = 1 iff targets[t] is a response token (incl. EOS), i.e. t ≥ len(prompt) − 1.
+    ids: list[int]
+    mask: list[int]
+
+
+def encode_demonstration(tokenizer: Any, demo: Demonstration) -> Example | ChatExample:
+    """A conversation → ChatExample (loss on every assistant turn); a (prompt, response) pair → Example."""
+    if demo.messages:
+        return ChatExample(*encode_chat(tokenizer, demo.messages))
+    return encode_example(tokenizer, demo.prompt, demo.response)
+
+
+def fits(example: Example | ChatExample, max_prompt_tokens: int, max_response_tokens: int) -> bool:
+    """Whether an SFT example fits the data limits: a (prompt, response) pair by each part (the response needs a
+    token besides EOS); a conversation by its whole length (≤ the sum, the batch width + 1)."""
+    if isinstance(example, ChatExample):
+        return len(example.ids) <= max_prompt_tokens + max_response_tokens
+    p, r = example
+    return len(p) <= max_prompt_tokens and 2 <= len(r) <= max_response_tokens
+
+
+def token_mask(example: Example | ChatExample) -> tuple[list[int], list[int]]:
+    """(sequence, trained-token mask) of either kind: an Example trains on its response tokens."""
+    if isinstance(example, ChatExample):
+        return example.ids, example.mask
+    p, r = example
+    return p + r, [0] * len(p) + [1] * len(r)
+
+
+def sft_batch(examples: Sequence[Example | ChatExample], pad_id: int, width: int | None = None) -> dict[str, Any]:
+    """Right-padded LM batch with a loss mask on the trained tokens only.
+
+    For a sequence s (length L) with trained-token mask m: input_ids = s[:-1], targets = s[1:], and
+    loss_mask[t] = m[t + 1]. For s = prompt + response that is 1 iff targets[t] is a response token (incl. EOS),
+    i.e. t ≥ len(prompt) − 1; for a conversation, iff targets[t] belongs to an assistant turn.
     Returns {"input_ids", "targets", "loss_mask"}: (B, T) tensors, T = max L − 1 (or `width`). Right padding
     needs no attention mask: under causal attention real tokens never see the padding after them.
     """
 
     if not examples:
         raise ValueError("examples: empty batch")
-    for i, (p, r) in enumerate(examples):
-        if not p or not r:
+    seqs = [token_mask(e) for e in examples]
+    for i, (e, (s, m)) in enumerate(zip(examples, seqs)):
+        if isinstance(e, ChatExample):
+            if len(s) != len(m) or not any(m[1:]):
+                raise ValueError(f"examples[{i}]: a conversation needs one mask value per token and a trained "
+                                 "token after the first")
+        elif not e[0] or not e[1]:
             raise ValueError(f"examples[{i}]: empty prompt or response")
-    T = max(len(p) + len(r) for p, r in examples) - 1
+    T = max(len(s) for s, _ in seqs) - 1
     if width is not None:
         if width < T:
             raise ValueError(f"width: {width} is shorter than the longest sequence ({T})")
         T = width
     ids = torch.full((len(examples), T + 1), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
-    for i, (p, r) in enumerate(examples):
-        seq = p + r
-        ids[i, :len(seq)] = torch.tensor(seq)
-        mask[i, len(p) - 1:len(seq) - 1] = 1
+    for i, (s, m) in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s) - 1] = torch.tensor(m[1:], dtype=torch.long)
     return {"input_ids": ids[:, :-1].contiguous(), "targets": ids[:, 1:].contiguous(), "loss_mask": mask}
 
 
@@ -106,9 +152,12 @@ def rm_batch(elements: Sequence[Element], pad_id: int) -> dict[str, Any]:
 
 
 def load_elements(path: Path, tokenizer: Any, max_tokens: int) -> tuple[list[Element], int]:
-    """Validated comparisons of `path`, tokenised; (elements, prompts dropped as too long)."""
+    """Validated comparisons of `path` (a file, directory or glob of K-wise or pairwise preferences;
+    jobs/data/user_data.py), tokenised; (elements, prompts dropped as too long)."""
+    from jobs.data.user_data import read_preferences
+
     elements, dropped = [], 0
-    for c in read_comparisons(path):
+    for c in read_preferences(path):
         e = encode_comparison(tokenizer, c)
         if max(len(s) for s in e[0]) > max_tokens:
             dropped += 1

@@ -207,7 +207,7 @@ def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: in
                                         ptx_coef=cfg.ptx.coef, seed=cfg.seed)),
         reference=ReferenceSpec(policy_dir, temperature=s.temperature),
         reward=RewardSpec(checkpoint=abspath(cfg.reward_model), function=cfg.reward_function,
-                          tokenizer=tokenizer_path if cfg.reward_function else None),
+                          tokenizer=tokenizer_path if cfg.reward_function else None, eos_id=eos_id),
         value=ValueSpec(value_init, value_engine, epochs=p.epochs, minibatch_size=p.minibatch_size // n_value,
                         clip_eps=p.value_clip, seed=cfg.seed),
         rollout=RolloutWorkerSpec(policy_dir, sampling, eos_id),

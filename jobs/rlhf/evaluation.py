@@ -1,43 +1,130 @@
-"""Held-out evaluation of the human-feedback stages (InstructGPT §4): gold score, proxy score, win rate, reward-model
-accuracy and perplexity."""
+"""Held-out evaluation of the human-feedback stages (InstructGPT §4): gold score, proxy score, win rate, KL to the
+SFT model, reward-model accuracy and perplexity. `compare_models` is the one evaluation of sampled responses: the
+eval job, the RL job's final report and the demo all call it, so their numbers are the same measurement."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
+from actors.base import response_logits, response_logprobs, sample_rollout
+from actors.reward import decode_rollout, reward_inputs, score_sequences
 from jobs.data.corpus import load_documents, split_documents
-from jobs.data.examples import encode_example
-from jobs.data.tasks import Task, read_comparisons
+from jobs.data.examples import encode_example, encode_prompt
+from jobs.data.tasks import read_comparisons
 from jobs.rlhf.checkpoints import load_lm
-from jobs.rlhf.reward_model import reward_scores
-from jobs.rlhf.sampling import sample_responses, sample_seed
-from models.checkpoint import read_config
+from jobs.rlhf.sampling import sample_seed
+from models.checkpoint import load_checkpoint, read_config
 from models.config import ConfigError
 from models.generation import SamplingParams
 from models.losses import lm_loss, pairwise_accuracy
+from models.tokenizer import Tokenizer
+
+GoldFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
-def heldout_responses(model: Any, tokenizer: Any, prompts: Sequence[str], sampling: SamplingParams, seed: int,
-                      batch_size: int = 128) -> list[str]:
-    """One response per held-out prompt; prompt i always gets the same seed, whichever model samples."""
+@dataclass
+class HeldoutComparison:
+    """The one held-out evaluation of language models (`raygpt eval`, the RL job's final report, the demo).
+
+    Every model samples one response per prompt with the same per-prompt seed (sample_seed(seed, "heldout", i, 0))
+    under the same `SamplingParams`; `metrics` holds per model `<label>/gold` (the labeller), `<label>/proxy` (the
+    reward model, through the reward role's EOS rule), `<label>/kl` (Σ_t log π(a_t) − log π_ref(a_t) on the
+    model's own samples: the k1 estimate of KL(π‖π_ref) in nats, against `kl_reference`), `<label>/response_tokens`
+    and `<label>/response_chars`, and `win_rate/<a>_vs_<b>` for every ordered pair with gold scores (ties ½)."""
+
+    prompts: list[str]
+    responses: dict[str, list[str]]
+    gold: dict[str, list[float]]
+    proxy: dict[str, list[float]]
+    metrics: dict[str, float]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Per prompt: the prompt and each model's response, gold and proxy score (samples.jsonl)."""
+        out = []
+        for i, p in enumerate(self.prompts):
+            row: dict[str, Any] = {"prompt": p}
+            for label, responses in self.responses.items():
+                row[label] = {"response": responses[i], **({"gold": self.gold[label][i]} if label in self.gold else {}),
+                              **({"proxy": self.proxy[label][i]} if label in self.proxy else {})}
+            out.append(row)
+        return out
+
+
+def compare_models(models: Mapping[str, nn.Module], tokenizer: Tokenizer, prompts: Sequence[str],
+                   sampling: SamplingParams, seed: int, *, gold: GoldFn | None = None,
+                   reward_model: nn.Module | None = None, kl_reference: str | None = None, batch_size: int = 128
+                   ) -> HeldoutComparison:
+    """Sample, score and compare `models` (label → LM, all reading `tokenizer`'s ids) on `prompts`."""
+    if kl_reference is not None and kl_reference not in models:
+        raise ConfigError(f"kl_reference: {kl_reference!r} is not one of the models {list(models)}")
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
     seeds = [sample_seed(seed, "heldout", i, 0) for i in range(len(prompts))]
-    return sample_responses(model, tokenizer, prompts, sampling, seeds, batch_size)
+    eos = tokenizer.eos_id
+    texts: dict[str, list[str]] = {}
+    gold_scores: dict[str, list[float]] = {}
+    proxy: dict[str, list[float]] = {}
+    metrics: dict[str, float] = {"prompts": float(len(prompts))}
+    for label, model in models.items():
+        model.eval()
+        kl: list[Tensor] = []
+        lengths: list[Tensor] = []
+        texts[label], proxy_rows = [], []
+        for a in range(0, len(ids), batch_size):
+            rows = list(range(a, min(a + batch_size, len(ids))))
+            rollout = sample_rollout(model, [ids[r] for r in rows], rows, [seeds[r] for r in rows], sampling, eos,
+                                     0, "")
+            texts[label] += decode_rollout(rollout, tokenizer.decode, eos)[1]
+            lengths.append(rollout.action_mask.sum(1).float())
+            with torch.no_grad():
+                if kl_reference is not None:
+                    ref = response_logprobs(response_logits(models[kl_reference], rollout), rollout,
+                                            sampling.temperature)
+                    kl.append((rollout.old_logprobs - ref).sum(1))
+                if reward_model is not None:
+                    r_ids, r_mask = reward_inputs(rollout.input_ids, rollout.attention_mask, eos)
+                    proxy_rows += reward_model.eval()(r_ids, r_mask).float().tolist()
+        metrics[f"{label}/response_tokens"] = float(torch.cat(lengths).mean())
+        metrics[f"{label}/response_chars"] = sum(map(len, texts[label])) / len(prompts)
+        if kl:
+            metrics[f"{label}/kl"] = float(torch.cat(kl).mean())
+        if reward_model is not None:
+            proxy[label] = proxy_rows
+            metrics[f"{label}/proxy"] = sum(proxy_rows) / len(prompts)
+        if gold is not None:
+            gold_scores[label] = [float(x) for x in gold(list(prompts), texts[label])]
+            metrics[f"{label}/gold"] = sum(gold_scores[label]) / len(prompts)
+    for a in gold_scores:
+        for b in gold_scores:
+            if a != b:
+                metrics[f"win_rate/{a}_vs_{b}"] = win_rate(gold_scores[a], gold_scores[b])
+    return HeldoutComparison(list(prompts), texts, gold_scores, proxy, metrics)
 
 
-
-def gold_of_checkpoint(path: str | Path, task: Task, prompts: Sequence[str], sampling: SamplingParams,
-                       seed: int = 0) -> tuple[float, list[str], list[float]]:
-    """(mean gold score, responses, scores) of a checkpoint's samples on `prompts`."""
-    model, tokenizer = load_lm(path)
-    responses = heldout_responses(model, tokenizer, prompts, sampling, seed)
-    scores = task.gold_scores(prompts, responses)
-    return sum(scores) / len(scores), responses, scores
-
+def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], prompts: Sequence[str], sampling: SamplingParams,
+                         seed: int, *, gold: GoldFn | None = None, reward_model: str | Path | None = None,
+                         kl_reference: str | None = None, batch_size: int = 128) -> HeldoutComparison:
+    """`compare_models` on checkpoint directories (label → LM checkpoint). They must share one tokenizer (the
+    comparison gives every model the same token prompts); ConfigError naming `models.<label>` otherwise."""
+    models: dict[str, nn.Module] = {}
+    tokenizer: Tokenizer | None = None
+    for label, path in checkpoints.items():
+        model, tok = load_lm(path)
+        if tokenizer is not None and tok.sha256() != tokenizer.sha256():
+            raise ConfigError(f"models.{label}: {path} uses another tokenizer than {next(iter(checkpoints))!r}; "
+                              "models compared on the same prompts must share one")
+        models[label], tokenizer = model, tok
+    if tokenizer is None:
+        raise ConfigError("models: no checkpoint to evaluate")
+    rm = load_checkpoint(reward_model, kind="reward") if reward_model else None
+    return compare_models(models, tokenizer, prompts, sampling, seed, gold=gold, reward_model=rm,
+                          kl_reference=kl_reference, batch_size=batch_size)
 
 
 def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
@@ -51,7 +138,7 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
 def proxy_scores(rm: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
 
     seqs = [sum(encode_example(tokenizer, p, r), []) for p, r in zip(prompts, responses)]
-    return reward_scores(rm, seqs, tokenizer.eos_id)
+    return score_sequences(rm, seqs, tokenizer.eos_id).tolist()
 
 
 

@@ -3,7 +3,6 @@ batch, r(x, y) of token sequences, and the normalisation folded into the weights
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,24 +37,6 @@ def rm_loss_fn(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     metrics["reward_std"] = r.detach().std() if r.numel() > 1 else r.new_zeros(())
     return loss, metrics
 
-
-
-def reward_scores(model: Any, sequences: Sequence[list[int]], pad_id: int, batch_size: int = 64) -> list[float]:
-    """r(x, y) of token sequences (prompt + response + EOS) with a RewardModel, right-padded in batches."""
-
-    model.eval()
-    out: list[float] = []
-    with torch.no_grad():
-        for i in range(0, len(sequences), batch_size):
-            chunk = sequences[i:i + batch_size]
-            T = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), T), dtype=torch.long)
-            for j, s in enumerate(chunk):
-                ids[j, :len(s)] = torch.tensor(s)
-                mask[j, :len(s)] = 1
-            out.extend(model(ids, mask).tolist())
-    return out
 
 
 

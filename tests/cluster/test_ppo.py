@@ -91,7 +91,7 @@ def reference_run(ray_session, art, runs_root) -> tuple[list[dict], dict]:
         assert rows[-1][key] is not None, key
     assert rows[-1]["weight_version"] == 2
     assert (runs_root / "colocated" / "report.md").is_file()
-    assert "gold_ppo" in summary["eval"] and 0.0 <= summary["eval"]["win_rate"] <= 1.0
+    assert "ppo/gold" in summary["eval"] and "win_rate/ppo_vs_sft" in summary["eval"]
     return rows, weights
 
 
@@ -146,6 +146,6 @@ def test_ppo_raises_the_gold_score_over_sft_on_heldout_prompts(ray_session, tmp_
     rows = read_metrics(runs_root / "gold")
     print({k: v for k, v in ev.items() if k != "samples"})
     assert ev["prompts"] == 64 and ev["split"] == "heldout"
-    assert ev["gold_ppo"] > ev["gold_sft"] + 0.15
-    assert ev["win_rate"] >= 0.65
-    assert ev["kl_ppo_sft"] < 12.0 and max(r["kl"] for r in rows) < 12.0
+    assert ev["ppo/gold"] > ev["sft/gold"] + 0.15
+    assert ev["win_rate/ppo_vs_sft"] >= 0.65
+    assert ev["ppo/kl"] < 12.0 and max(r["kl"] for r in rows) < 12.0

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from actors.reward import score_sequences
 from cluster.train.engine import lm_loss_fn
 from jobs.data.examples import batch_indices, encode_example, rank_slice, rm_batch, sft_batch
-from jobs.rlhf.reward_model import fold_reward_offset, reward_scores, rm_loss_fn
+from jobs.rlhf.reward_model import fold_reward_offset, rm_loss_fn
 from models.config import GPTConfig
 from models.gpt import GPT
 from models.heads import RewardModel
@@ -124,14 +125,14 @@ def test_fold_reward_offset_shifts_every_score(tmp_path: Path) -> None:
     torch.manual_seed(2)
     rm = RewardModel(CFG).eval()
     seqs = [[1, 2, 3, 0], [4, 5, 0], [6, 7, 8, 9, 10, 0]]
-    before = torch.tensor(reward_scores(rm, seqs, pad_id=0))
+    before = score_sequences(rm, seqs, eos_id=0)
     offset = float(before.mean())
     fold_reward_offset(rm, offset)
-    after = torch.tensor(reward_scores(rm, seqs, pad_id=0))
+    after = score_sequences(rm, seqs, eos_id=0)
     torch.testing.assert_close(after, before - offset, rtol=0, atol=1e-5)
     assert abs(float(after.mean())) < 1e-5
     path = save_checkpoint(rm, tmp_path / "rm", kind="reward")
-    torch.testing.assert_close(torch.tensor(reward_scores(load_checkpoint(path), seqs, 0)), after)
+    torch.testing.assert_close(score_sequences(load_checkpoint(path), seqs, 0), after)
 
     # the peer library sees the same normalised reward: GPT2ForSequenceClassification reads the score at the last
     # non-pad token; with pad_token_id unset and one unpadded sequence that is the final EOS, like ours.
