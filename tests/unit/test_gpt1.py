@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from jobs import export as export_job
+from jobs import import_hf as import_job
 from models.checkpoint import CheckpointError, check_exportable, from_hf_state_dict, load_checkpoint, save_checkpoint
 from models.config import GPTConfig, ModelConfigError
 from models.generation import SamplingParams, generate
@@ -122,3 +123,16 @@ def test_banded_model_export_is_refused(tmp_path: Path) -> None:
         check_exportable(CFG.replace(final_ln=True))
     check_exportable(CFG)
     check_exportable(GPTConfig.from_name("nano"))
+
+
+def test_import_hf_cli_reads_an_openai_gpt_directory(tmp_path: Path) -> None:
+    tok = Tokenizer.train(["Shall I compare thee to a summer's day?"] * 20, vocab_size=300)
+    hf = hf_gpt1(CFG.replace(vocab_size=tok.vocab_size), 7)
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf" / "tokenizer.json")
+    assert import_job.main([str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    ours = load_checkpoint(tmp_path / "ours").eval()
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == "openai-gpt"
+    ids = torch.tensor([tok.encode("compare thee to a summer's day")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
