@@ -2,7 +2,7 @@
 
 A raygpt checkpoint already uses GPT-2's names and layout; export re-validates it (loads every tensor),
 optionally casts the weights, and adds what `transformers.AutoTokenizer` needs next to `tokenizer.json`
-(`tokenizer_config.json`, `special_tokens_map.json`) plus a `generation_config.json`.
+(`tokenizer_config.json` with the chat template, `special_tokens_map.json`) plus a `generation_config.json`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from models.chat import write_tokenizer_config
 from models.checkpoint import (
     CheckpointError,
     check_exportable,
@@ -22,7 +23,6 @@ from models.checkpoint import (
     save_checkpoint,
     tokenizer_path,
 )
-from models.tokenizer import EOS_TOKEN
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,11 +38,7 @@ def export(src: str | Path, dst: str | Path, dtype: str = "float32") -> Path:
     data = json.loads((out / "config.json").read_text())
     data["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(data, indent=2))
-    special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "GPT2TokenizerFast", "model_max_length": cfg.n_ctx, "add_prefix_space": False,
-         "clean_up_tokenization_spaces": False, **special}, indent=2))
+    write_tokenizer_config(out, cfg.n_ctx)  # special tokens + the chat template (models/chat.py)
     if kind == "lm":
         (out / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.eos_token_id},

@@ -2,7 +2,8 @@
 
     config.json         GPT2Config keys (+ a "raygpt" block with what GPT2Config cannot express)
     model.safetensors   GPT-2 parameter names, Conv1D layout (weights stored (in, out))
-    tokenizer.json      byte-level BPE (when a tokenizer is given)
+    tokenizer.json      byte-level BPE (when a tokenizer is given), with tokenizer_config.json +
+                        special_tokens_map.json: special tokens and the chat template (models/chat.py)
 
 A language model loads in `transformers` as `GPT2LMHeadModel`; a reward or value model (kind "reward"/"value")
 as `GPT2ForSequenceClassification` with num_labels=1 and its head named `score`. Weights are never pickled.
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from models.chat import write_tokenizer_config
 from models.config import GPTConfig, ModelConfigError
 from models.gpt import GPT
 from models.heads import RewardModel, ValueModel
@@ -234,6 +236,8 @@ def write_checkpoint_dir(path: str | Path, config: dict[str, Any], tensors: dict
                 shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
             else:
                 tokenizer.save(tmp / TOKENIZER_FILE)
+            # transformers' tokenizer files: special tokens and the one chat template raygpt trains and serves with
+            write_tokenizer_config(tmp, config.get("n_positions"))
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)

@@ -79,7 +79,8 @@ class PromptSet:
     @classmethod
     def load(cls, cfg: PPOJobConfig, tok: Any, split: str, source: str | None = None,
              limit: int | None = None) -> PromptSet:
-        """Prompts of `split` from the task, or the lines of a text file; encoded and checked against n_ctx."""
+        """Prompts of `split` from the task, the lines of a .txt file, or the prompts of a user data file
+        (jobs/data/user_data.py `read_prompts`); encoded and checked against n_ctx."""
         source = source or cfg.prompts.source
         if source == "task":
             try:
@@ -87,11 +88,20 @@ class PromptSet:
             except ValueError as e:
                 raise ConfigError(f"prompts.split: {e}") from None
             where = f"prompts (task split {split!r})"
-        else:
+        elif source.endswith(".txt"):
             p = Path(source)
             if not p.is_file():
                 raise ConfigError(f"prompts.source: no such file {source!r} (or use 'task')")
             texts = [ln.rstrip("\n") for ln in p.read_text().splitlines() if ln.strip()]
+            where = f"prompts file {source}"
+        else:  # user data (JSONL/Parquet file, directory or glob): messages are rendered with the chat template
+            from jobs.data.corpus import DataError
+            from jobs.data.user_data import read_prompts
+
+            try:
+                texts = read_prompts(source)
+            except DataError as e:
+                raise ConfigError(f"prompts.source: {e}") from None
             where = f"prompts file {source}"
         if limit is not None:
             texts = texts[:limit]

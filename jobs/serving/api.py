@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.chat import Message, render
+
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 MAX_SEED = 2**63 - 1
 
@@ -211,11 +213,12 @@ CHAT_STOPS = ("\nUser:", "\nSystem:")
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The chat template (docs/SERVING.md): one `Role: content` line per message, then `Assistant:` for the
-    model to continue. The model stops at the next `\\nUser:` line. Plain text, so any GPT checkpoint can
-    follow it; an SFT checkpoint trained on this layout follows it best."""
-    lines = [f"{m.role.capitalize()}: {m.content}" for m in messages]
-    return "\n".join([*lines, "Assistant:"])
+    """The one chat template (models/chat.py, stored in every checkpoint's tokenizer_config.json): one
+    `Role: content` line per message, earlier assistant turns closed by EOS, then `Assistant:` for the model to
+    continue. An SFT checkpoint trained on `messages` data ends its answer with EOS; other checkpoints stop at the
+    next `\\nUser:` line. transformers' `apply_chat_template(messages, add_generation_prompt=True)` renders the same
+    text from an exported checkpoint."""
+    return render([Message(m.role, m.content) for m in messages], add_generation_prompt=True)
 
 
 # --- parsing ---------------------------------------------------------------------------------------------------

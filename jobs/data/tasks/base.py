@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from jobs.data.corpus import DataError
+from models.chat import Message
 
 Split = Literal["train", "heldout"]
 SPLITS: tuple[str, ...] = ("train", "heldout")
@@ -32,10 +33,15 @@ class TaskError(DataError):
 
 @dataclass(frozen=True)
 class Demonstration:
-    """One SFT example: the response is what a labeler would write (or approved) for the prompt."""
+    """One SFT example: the response is what a labeler would write (or approved) for the prompt.
+
+    A conversation (user data in the `messages` format) also keeps its messages: SFT then trains on every
+    assistant turn (models.chat.encode_chat), while prompt/response are its last exchange rendered with the chat
+    template (prompt + response + EOS = the rendered conversation), which is what the RM and eval read."""
 
     prompt: str
     response: str
+    messages: tuple[Message, ...] = ()
 
 
 def check_split(split: str) -> None:

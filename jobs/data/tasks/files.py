@@ -1,0 +1,84 @@
+"""The `files` task: your own data files (jobs/data/user_data.py) behind the Task interface every job reads.
+
+`task.data` names a file, directory or glob in one of the user formats (prompt-completion, messages, pairwise,
+kwise, prompts; detected from the columns unless `task.format` says). What the task offers depends on it:
+
+- prompts(split): every format — the prompt of each row (conversations: everything before the last assistant
+  turn, rendered with the chat template and its generation prompt);
+- demonstrations(): prompt-completion / messages rows as they are; pairwise and kwise rows give their preferred
+  response (as the `labelled` task does); a prompt-only file has none;
+- comparisons_for(split): pairwise / kwise rows.
+
+Held-out split: by the same stable hash of the prompt text as every task (`base.heldout_prompt`), or, when
+`task.heldout_data` is given, that file is the held-out split and `task.data` is all train. There is no labeler:
+gold scores need a reward model or the embedded task. All rows are read and validated when the task is built.
+"""
+
+from __future__ import annotations
+
+from jobs.data.tasks.base import Demonstration, Split, Task, TaskError, check_split, heldout_prompt
+from jobs.data.tasks.labelled import Comparison
+
+
+class FilesTask(Task):
+    name = "files"
+
+    def __init__(self, data: str, heldout_data: str = "", heldout_fraction: float = 0.1, fmt: str = "auto") -> None:
+        # imported here: user_data imports this package's base/labelled modules
+        from jobs.data import user_data as ud
+
+        if not data:
+            raise TaskError("task.data: the 'files' task needs a data file, directory or glob")
+        if not 0.0 < heldout_fraction < 1.0:
+            raise TaskError(f"task.heldout_fraction: must be in (0, 1), got {heldout_fraction}")
+        self.heldout_fraction = heldout_fraction
+        self.format = ""
+        self._prompts: dict[str, list[str]] = {}
+        self._demos: dict[str, list[Demonstration]] = {}
+        self._comparisons: dict[str, list[Comparison]] = {}
+        sources = {"train": data, "heldout": heldout_data} if heldout_data else {"all": data}
+        for part, source in sources.items():
+            rows = ud.read_rows(source)
+            f = ud.detect_format(rows) if fmt == "auto" else ud._format(rows, fmt, ud.FORMATS, "a task")
+            if self.format and f != self.format:
+                raise TaskError(f"task.heldout_data: {source} is a {f!r} file, task.data a {self.format!r} file")
+            self.format = f
+            if f in ("pairwise", "kwise"):
+                comps = [ud.comparison(r, f) for r in rows]
+                self._split(part, comps, lambda c: c.prompt, self._comparisons)
+                self._split(part, [Demonstration(c.prompt, c.best) for c in comps], lambda d: d.prompt, self._demos)
+                self._split(part, [c.prompt for c in comps], lambda p: p, self._prompts)
+            elif f in ("prompt-completion", "messages"):
+                demos = [ud.demonstration(r, f) for r in rows]
+                self._split(part, demos, lambda d: d.prompt, self._demos)
+                self._split(part, [d.prompt for d in demos], lambda p: p, self._prompts)
+            else:
+                self._split(part, [ud.prompt_text(r) for r in rows], lambda p: p, self._prompts)
+
+    def _split(self, part: str, items: list, key, out: dict) -> None:  # type: ignore[type-arg,no-untyped-def]
+        if part != "all":
+            out[part] = items
+            return
+        for split in ("train", "heldout"):
+            want = split == "heldout"
+            out[split] = [x for x in items if heldout_prompt(key(x), self.heldout_fraction) == want]
+
+    @property
+    def has_labeler(self) -> bool:
+        return False
+
+    def prompts(self, split: Split) -> list[str]:
+        check_split(split)
+        return list(dict.fromkeys(self._prompts.get(split, [])))
+
+    def demonstrations(self) -> list[Demonstration]:
+        if self.format == "prompts":
+            raise TaskError("task.data: a prompt-only file has no demonstrations (SFT needs prompt-completion, "
+                            "messages, pairwise or kwise rows)")
+        return list(self._demos.get("train", []))
+
+    def comparisons_for(self, split: Split) -> list[Comparison]:
+        check_split(split)
+        if self.format not in ("pairwise", "kwise"):
+            raise TaskError(f"task.data: a {self.format!r} file has no comparisons (needs pairwise or kwise rows)")
+        return list(self._comparisons.get(split, []))
