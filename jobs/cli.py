@@ -1,8 +1,12 @@
 """The `raygpt` command: one subcommand per job module (`python -m jobs.<name>` runs the same code).
 
-Every job module exposes `main(argv: list[str] | None) -> int`. Config-driven jobs build it with
-`job_main(ConfigClass, run)`, which gives them `--config FILE.yaml`, `--set a.b=c` (repeatable),
-`--dry-run` (print the resolved config and placement plan, start nothing) and a `--help` listing every field.
+Every job module is a thin leaf that declares `JOB = JobSpec(ConfigClass, run, ...)` and `main = JOB.main`.
+A `JobSpec` gives the job `--config FILE.yaml`, `--set a.b=c` (repeatable), `--dry-run` (print the resolved config
+and placement plan, start nothing), a `--help` listing every field with its default, and optional positional
+arguments / convenience flags that are nothing but other spellings of config fields (`raygpt serve CKPT` sets
+`models`, `--max-tokens 5` sets `sampling.max_new_tokens`). `resolve_job` parses a command line exactly as the job
+would and hands back the validated config and `run` — what `raygpt submit` (validate before submitting), `raygpt
+tune` (trials with changed fields) and `raygpt demo` (stages) use.
 """
 
 from __future__ import annotations
@@ -13,15 +17,17 @@ import importlib
 import inspect
 import io
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, Literal, TypeVar
+
+import yaml
 
 from jobs.config import ConfigError, help_lines, load_config, to_dict
 
 T = TypeVar("T")
 
-# subcommand -> module under jobs/
+# subcommand -> (module under jobs/, one line of help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("jobs.tokenizer", "train a byte-level BPE tokenizer on the corpus"),
     "prepare": ("jobs.prepare", "tokenise the corpus into Parquet shards (train/validation)"),
@@ -34,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("jobs.tune", "Ray Tune (ASHA) sweep over a job's config fields"),
     "serve": ("jobs.serve", "serve checkpoints behind Ray Serve (OpenAI-compatible HTTP)"),
     "generate": ("jobs.generate", "print samples from a checkpoint"),
-    "export": ("jobs.export", "export a checkpoint as a Hugging Face GPT-2 directory"),
+    "export": ("jobs.export", "export a checkpoint as a Hugging Face directory"),
     "import-hf": ("jobs.import_hf", "import a Hugging Face GPT-2 directory as a raygpt checkpoint"),
     "submit": ("jobs.submit", "submit a job to a Ray cluster (Job Submission API)"),
     "status": ("jobs.submit", "status of a submitted job"),
@@ -43,41 +49,92 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "the whole InstructGPT pipeline on the embedded defaults"),
 }
 
-
 # Subcommands that are not config-driven jobs (they cannot be submitted, tuned or staged in the demo).
 NOT_JOBS = {"submit", "status", "logs", "stop"}
 
 
+@dataclass(frozen=True)
+class Arg:
+    """A command-line spelling of a config field: a positional argument (`name` without dashes) or a flag."""
+
+    names: tuple[str, ...]  # ("checkpoint",) or ("-n", "--num-samples")
+    field: str  # dotted config field it sets
+    help: str = ""
+    kind: Literal["one", "many", "append"] = "one"  # one value; positional nargs="*"; repeatable flag
+    type: Callable[[str], Any] = str
+
+
+@dataclass(frozen=True)
+class JobSpec(Generic[T]):
+    """A config-driven job: its config class, its `run(cfg)`, and how the command line maps onto the config."""
+
+    config: type[T]
+    run: Callable[[T], Any]
+    prog: str
+    plan: Callable[[T], str] | None = None
+    args: tuple[Arg, ...] = ()
+    epilog: str = ""
+
+    def parser(self) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(
+            prog=self.prog, description=inspect.cleandoc(self.config.__doc__ or ""),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog="config fields (set in YAML or with --set NAME=VALUE):\n" + "\n".join(help_lines(self.config))
+            + (f"\n\n{self.epilog}" if self.epilog else ""))
+        for a in self.args:
+            kw: dict[str, Any] = {"help": a.help or f"sets {a.field}", "type": a.type}
+            if a.names[0].startswith("-"):
+                kw.update(dest=_dest(a), action="append" if a.kind == "append" else "store")
+            elif a.kind == "many":
+                kw["nargs"] = "*"
+            parser.add_argument(*a.names, **kw)
+        parser.add_argument("--config", help="YAML file with config fields")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="dotted override, e.g. --set optim.lr=3e-4 (repeatable)")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="print the resolved config and placement plan; start nothing")
+        return parser
+
+    def parse(self, argv: Sequence[str] | None) -> tuple[T, bool]:
+        """(validated config, dry_run). argparse exits on a malformed command line; a bad value raises
+        ConfigError naming the field."""
+        ns = self.parser().parse_args(list(argv) if argv is not None else None)
+        values: dict[str, Any] = {}
+        for a in self.args:
+            v = getattr(ns, _dest(a) if a.names[0].startswith("-") else a.names[0])
+            if v is not None and v != []:
+                values[a.field] = v
+        return load_config(self.config, ns.config, ns.set, values=values), ns.dry_run
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        try:
+            cfg, dry_run = self.parse(argv)
+            if dry_run:
+                print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+                if self.plan is not None:
+                    print("# placement plan")
+                    print(self.plan(cfg))
+                return 0
+            self.run(cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+
+
+def _dest(a: Arg) -> str:
+    return "arg_" + a.names[-1].lstrip("-").replace("-", "_")
+
+
 @dataclass
 class ResolvedJob:
-    """A job's command line resolved locally, without running it: its config class, the validated config and
-    its `run` function. Built by `resolve_job`, used by `raygpt submit` (validate before submitting) and
-    `raygpt tune` (run trials with changed fields)."""
+    """A job's command line resolved locally, without running it: its spec, the validated config and `run`."""
 
     command: str
     module: str
-    cls: type | None  # None: the job has its own parser (validated through its --dry-run)
+    cls: type
     cfg: Any
-    run: Callable[[Any], Any] | None
-
-
-class _Captured(Exception):  # noqa: N818 - control flow, not an error
-    def __init__(self, cls: type, cfg: Any, run: Callable[[Any], Any]) -> None:
-        super().__init__("captured")
-        self.cls, self.cfg, self.run = cls, cfg, run
-
-
-_capture = False
-
-
-@contextlib.contextmanager
-def _capturing() -> Iterator[None]:
-    global _capture
-    old, _capture = _capture, True
-    try:
-        yield
-    finally:
-        _capture = old
+    run: Callable[[Any], Any]
 
 
 def job_module(command: str) -> str:
@@ -95,77 +152,34 @@ def _job_names() -> list[str]:
     return [k for k in COMMANDS if k not in NOT_JOBS]
 
 
-def resolve_job(command: str, argv: list[str] | None = None) -> ResolvedJob:
-    """Parse and validate `raygpt <command> <argv>` exactly as the job would, but start nothing.
-
-    Raises ConfigError naming the field for a bad spec (unknown field, wrong type, failed `validate`),
-    a missing --config file, or a module that is not a config-driven job.
-    """
+def job_spec(command: str) -> tuple[str, JobSpec[Any]]:
+    """(module name, its JOB) for a job command or a custom job's dotted module path."""
     module_name = job_module(command)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         raise ConfigError(f"job: module {module_name} of {command!r} cannot be imported ({e})") from None
-    if not callable(getattr(module, "main", None)):
-        raise ConfigError(f"job: {module_name} has no main(argv)")
+    spec = getattr(module, "JOB", None)
+    if not isinstance(spec, JobSpec):
+        raise ConfigError(f"job: {module_name} declares no JOB = JobSpec(Config, run, ...)")
+    return module_name, spec
+
+
+def resolve_job(command: str, argv: Sequence[str] | None = None) -> ResolvedJob:
+    """Parse and validate `raygpt <command> <argv>` exactly as the job would, but start nothing.
+
+    Raises ConfigError naming the field for a bad spec (unknown field, wrong type, failed `validate`), a missing
+    --config file, an unknown flag, or a module that is not a config-driven job."""
+    module_name, spec = job_spec(command)
     err = io.StringIO()
-    # `--dry-run` is appended for jobs with their own argument parser (e.g. serve's positional checkpoints):
-    # job_main never gets that far in capture mode, and a parser without the flag refuses it (nothing runs).
-    with _capturing(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            rc = module.main([*(argv or []), "--dry-run"])
-        except _Captured as c:
-            return ResolvedJob(command, module_name, c.cls, c.cfg, c.run)
-        except SystemExit as e:  # argparse: bad flag (its message is in `err`)
-            msg = err.getvalue().strip().splitlines()
-            raise ConfigError(f"{command}: {msg[-1] if msg else f'invalid arguments (exit {e.code})'}") from None
-    if rc in (0, None):  # validated by the job's own --dry-run; no config class to hand back
-        return ResolvedJob(command, module_name, None, None, None)
-    msg = err.getvalue().strip().splitlines()
-    raise ConfigError(msg[-1].removeprefix("error: ") if msg else f"{command}: --dry-run failed (exit {rc})")
-
-
-def job_main(
-    cls: type[T],
-    run: Callable[[T], Any],
-    argv: list[str] | None = None,
-    prog: str | None = None,
-    plan: Callable[[T], str] | None = None,
-) -> int:
-    """Standard entry point of a config-driven job."""
-    import yaml
-
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=inspect.cleandoc(cls.__doc__ or ""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config fields (set in YAML or with --set NAME=VALUE):\n" + "\n".join(help_lines(cls)),
-    )
-    parser.add_argument("--config", help="YAML file with config fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted override, e.g. --set train.lr=3e-4 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config and placement plan; start nothing")
-    args = parser.parse_args(argv)
     try:
-        cfg = load_config(cls, args.config, args.set)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if _capture:  # resolve_job: hand the validated config back, run nothing
-        raise _Captured(cls, cfg, run)
-    if args.dry_run:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        if plan is not None:
-            print("# placement plan")
-            print(plan(cfg))
-        return 0
-    try:
-        run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        with contextlib.redirect_stderr(err):  # argparse's message becomes the ConfigError's
+            cfg, _ = spec.parse(list(argv or []))
+    except SystemExit as e:  # a malformed command line (argparse exits)
+        lines = err.getvalue().strip().splitlines()
+        raise ConfigError(f"{command}: {lines[-1].removeprefix(spec.prog + ': ').removeprefix('error: ')}"
+                          if lines else f"{command}: invalid arguments (exit {e.code})") from None
+    return ResolvedJob(command, module_name, spec.config, cfg, spec.run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 from cluster.metrics import MetricsWriter
 from cluster.runtime import init_ray
-from jobs.cli import job_main
+from jobs.cli import JobSpec
 from jobs.config import field
 from jobs.data.tasks import TaskConfig, build_task
 from jobs.rlhf.checkpoints import check_policy
@@ -51,8 +51,8 @@ def run(cfg: ComparisonsConfig) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    return job_main(ComparisonsConfig, run, argv, prog="raygpt comparisons")
+JOB = JobSpec(ComparisonsConfig, run, "raygpt comparisons")
+main = JOB.main
 
 
 if __name__ == "__main__":

@@ -186,8 +186,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> T:
-    """Build `cls` from optional `base` dict, then a YAML file, then `--set` overrides (later wins)."""
+                base: dict[str, Any] | None = None, values: dict[str, Any] | None = None) -> T:
+    """Build `cls` from optional `base` dict, then a YAML file, then `--set` overrides, then `values` (dotted field →
+    Python value, e.g. from positional arguments; later wins)."""
     data: dict[str, Any] = _copy(base) if base else {}
     if path:
         for k, v in _flatten(read_yaml(path)):
@@ -195,6 +196,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     for item in overrides or []:
         keys, value = parse_override(item)
         merge(data, keys, value)
+    for key, value in (values or {}).items():
+        merge(data, key.split("."), value)
     return _build(cls, data)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.cli import job_main, resolve_job
+from jobs.cli import JobSpec, resolve_job
 from jobs.config import ConfigError, field, from_dict, to_dict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -157,8 +157,6 @@ def plan_stages(cfg: DemoConfig) -> list[Planned]:
     for stage in STAGES[:last + 1]:
         try:
             job = resolve_job(stage.name, [])
-            if job.cls is None or job.run is None:
-                raise ConfigError(f"{stage.name} has no config class")
             data = _deep_merge(_deep_merge(to_dict(job.cfg), stage.wire(cfg)), getattr(cfg, stage.name))
             stage_cfg = from_dict(job.cls, data)
         except ConfigError as e:
@@ -332,6 +330,18 @@ def _banner(i: int, total: int, name: str, title: str, t_start: float) -> None:
     print(f"\n[demo {i}/{total}] {name}: {title}  (elapsed {elapsed / 60:.1f} min)", flush=True)
 
 
+def _plan_text(cfg: DemoConfig) -> str:
+    try:
+        planned = plan_stages(cfg)
+    except StageError as e:
+        return f"error: {e}"
+    return "\n".join(f"{i}. {p.stage.name}: {p.stage.title}" for i, p in enumerate(planned, 1)) + \
+        f"\n{len(planned) + 1}. serve: one request\n{len(planned) + 2}. report: {root_of(cfg)}/report.md"
+
+
+JOB = JobSpec(DemoConfig, run, "raygpt demo", plan=_plan_text)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--smoke" in argv:
@@ -341,19 +351,11 @@ def main(argv: list[str] | None = None) -> int:
             and not {"-h", "--help"} & set(argv):
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
     try:
-        return job_main(DemoConfig, run, argv, prog="raygpt demo", plan=_plan_text)
+        return JOB.main(argv)
     except StageError as e:
         print(f"\n[demo] FAILED: {e}", file=sys.stderr, flush=True)
         return 1
 
-
-def _plan_text(cfg: DemoConfig) -> str:
-    try:
-        planned = plan_stages(cfg)
-    except StageError as e:
-        return f"error: {e}"
-    return "\n".join(f"{i}. {p.stage.name}: {p.stage.title}" for i, p in enumerate(planned, 1)) + \
-        f"\n{len(planned) + 1}. serve: one request\n{len(planned) + 2}. report: {root_of(cfg)}/report.md"
 
 
 if __name__ == "__main__":

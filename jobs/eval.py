@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.metrics import MetricsWriter
-from jobs.cli import job_main
+from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
 from jobs.data.tasks import TaskConfig, TaskError, build_task
 from jobs.data.tasks.formats import evaluate_formats, resolve_formats
@@ -146,8 +146,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    return job_main(EvalConfig, run, argv, prog="raygpt eval")
+JOB = JobSpec(EvalConfig, run, "raygpt eval")
+main = JOB.main
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@ optionally casts the weights, and adds what `transformers.AutoTokenizer` needs n
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from jobs.cli import Arg, JobSpec
+from jobs.config import ConfigError, field
 from models.chat import write_tokenizer_config
 from models.checkpoint import (
     CheckpointError,
@@ -46,20 +48,35 @@ def export(src: str | Path, dst: str | Path, dtype: str = "float32") -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="raygpt export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="raygpt checkpoint directory")
-    p.add_argument("out", help="output directory (written atomically)")
-    p.add_argument("--dtype", default="float32", help=f"weight dtype: {', '.join(DTYPES)}")
-    args = p.parse_args(argv)
+@dataclass
+class ExportConfig:
+    """Write a checkpoint as a self-contained Hugging Face directory (positional: CHECKPOINT OUT)."""
+
+    checkpoint: str = field("", help="raygpt checkpoint directory")
+    out: str = field("", help="output directory (written atomically)")
+    dtype: str = field("float32", help=f"weight dtype: {', '.join(DTYPES)}")
+
+    def validate(self) -> None:
+        if not self.checkpoint or not self.out:
+            raise ConfigError("checkpoint/out: give both (raygpt export CHECKPOINT OUT)")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+def run(cfg: ExportConfig) -> Path:
     try:
-        out = export(args.checkpoint, args.out, args.dtype)
+        out = export(cfg.checkpoint, cfg.out, cfg.dtype)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported {args.checkpoint} -> {out}")
-    return 0
+        raise ConfigError(str(e)) from None
+    print(f"exported {cfg.checkpoint} -> {out}")
+    return out
+
+
+JOB = JobSpec(ExportConfig, run, "raygpt export", args=(
+    Arg(("checkpoint",), "checkpoint", "raygpt checkpoint directory"),
+    Arg(("out",), "out", "output directory (written atomically)"),
+    Arg(("--dtype",), "dtype", f"weight dtype: {', '.join(DTYPES)}")))
+main = JOB.main
 
 
 if __name__ == "__main__":

@@ -2,55 +2,69 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
 
+from jobs.cli import Arg, JobSpec
+from jobs.config import ConfigError, field
+from jobs.data.examples import encode_prompt
 from models.checkpoint import CheckpointError, load_checkpoint, tokenizer_path
 from models.generation import SamplingParams, generate
 from models.tokenizer import Tokenizer, TokenizerError
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="raygpt generate", description="Print samples from a checkpoint directory.")
-    p.add_argument("checkpoint", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
-    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable; default: <|endoftext|>)")
-    p.add_argument("--max-tokens", type=int, default=48, help="new tokens per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+@dataclass
+class GenerateConfig:
+    """Print samples from a checkpoint directory (positional: CHECKPOINT)."""
+
+    checkpoint: str = field("", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    prompts: list[str] = field([], help="prompt texts (default: one empty prompt = <|endoftext|>)")
+    num_samples: int = field(1, help="samples per prompt")
+    sampling: SamplingParams = field(SamplingParams(max_new_tokens=48, temperature=0.8), help="sampling")
+    seed: int = field(0, help="row i of the batch is seeded with seed + i")
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("checkpoint: give a checkpoint directory (raygpt generate CHECKPOINT)")
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples: must be >= 1, got {self.num_samples}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(cfg: GenerateConfig) -> list[str]:
     try:
-        model = load_checkpoint(args.checkpoint, kind="lm").eval()
-        tok = Tokenizer.from_file(tokenizer_path(args.checkpoint))
-        params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p)
-    except (CheckpointError, TokenizerError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.num_samples < 1:
-        print("error: --num-samples: must be >= 1", file=sys.stderr)
-        return 2
-    prompts = args.prompt or [""]
-    encoded = [tok.encode(p) or [tok.eos_id] for p in prompts for _ in range(args.num_samples)]
+        model = load_checkpoint(cfg.checkpoint, kind="lm").eval()
+        tok = Tokenizer.from_file(tokenizer_path(cfg.checkpoint))
+    except (CheckpointError, TokenizerError) as e:
+        raise ConfigError(f"checkpoint: {e}") from None
+    prompts = cfg.prompts or [""]
+    encoded = [encode_prompt(tok, p) for p in prompts for _ in range(cfg.num_samples)]
     try:
         with torch.no_grad():
-            out = generate(model, encoded, params, eos_id=tok.eos_id, seeds=args.seed)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            out = generate(model, encoded, cfg.sampling, eos_id=tok.eos_id, seeds=cfg.seed)
+    except ValueError as e:  # a prompt longer than the context names max_new_tokens / the prompt
+        raise ConfigError(str(e)) from None
+    texts = []
     for i, (ids, mask) in enumerate(zip(out.response_ids.tolist(), out.response_mask.tolist())):
         text = tok.decode([t for t, m in zip(ids, mask) if m and t != tok.eos_id])
-        print(f"--- sample {i} | prompt: {prompts[i // args.num_samples]!r}")
-        print(prompts[i // args.num_samples] + text)
-    return 0
+        prompt = prompts[i // cfg.num_samples]
+        print(f"--- sample {i} | prompt: {prompt!r}")
+        print(prompt + text)
+        texts.append(text)
+    return texts
+
+
+JOB = JobSpec(GenerateConfig, run, "raygpt generate", args=(
+    Arg(("checkpoint",), "checkpoint", "checkpoint directory"),
+    Arg(("--prompt",), "prompts", "prompt text (repeatable)", kind="append"),
+    Arg(("-n", "--num-samples"), "num_samples", "samples per prompt", type=int),
+    Arg(("--max-tokens",), "sampling.max_new_tokens", "new tokens per sample", type=int),
+    Arg(("--temperature",), "sampling.temperature", "0 = greedy", type=float),
+    Arg(("--top-k",), "sampling.top_k", "top-k filter (0 = off)", type=int),
+    Arg(("--top-p",), "sampling.top_p", "nucleus filter (1 = off)", type=float),
+    Arg(("--seed",), "seed", "sampling seed", type=int)))
+main = JOB.main
 
 
 if __name__ == "__main__":

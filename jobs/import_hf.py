@@ -7,12 +7,14 @@ Reads `config.json`, weights from `model.safetensors` (or `pytorch_model.bin`, l
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from jobs.cli import Arg, JobSpec
+from jobs.config import ConfigError, field
 from models.checkpoint import (
     CheckpointError,
     build_model,
@@ -70,19 +72,31 @@ def import_hf(src: str | Path, dst: str | Path) -> Path:
     return save_checkpoint(model.float(), dst, kind=kind, tokenizer=tok)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="raygpt import-hf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("hf_dir", help="local Hugging Face GPT-2 directory")
-    p.add_argument("out", help="raygpt checkpoint directory to write")
-    args = p.parse_args(argv)
+@dataclass
+class ImportConfig:
+    """Import a local Hugging Face GPT-2 directory as a raygpt checkpoint (positional: HF_DIR OUT)."""
+
+    hf_dir: str = field("", help="local Hugging Face GPT-2 directory")
+    out: str = field("", help="raygpt checkpoint directory to write")
+
+    def validate(self) -> None:
+        if not self.hf_dir or not self.out:
+            raise ConfigError("hf_dir/out: give both (raygpt import-hf HF_DIR OUT)")
+
+
+def run(cfg: ImportConfig) -> Path:
     try:
-        out = import_hf(args.hf_dir, args.out)
+        out = import_hf(cfg.hf_dir, cfg.out)
     except (CheckpointError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"imported {args.hf_dir} -> {out}")
-    return 0
+        raise ConfigError(str(e)) from None
+    print(f"imported {cfg.hf_dir} -> {out}")
+    return out
+
+
+JOB = JobSpec(ImportConfig, run, "raygpt import-hf", args=(
+    Arg(("hf_dir",), "hf_dir", "local Hugging Face GPT-2 directory"),
+    Arg(("out",), "out", "raygpt checkpoint directory to write")))
+main = JOB.main
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from jobs.cli import job_main
+from jobs.cli import JobSpec
 from jobs.rl.config import PPOJobConfig, plan
 from jobs.rl.controller import Controller
 
@@ -42,8 +42,8 @@ def run(cfg: PPOJobConfig) -> dict[str, Any]:
         return ctl.finish()
 
 
-def main(argv: list[str] | None = None) -> int:
-    return job_main(PPOJobConfig, run, argv, prog="raygpt ppo", plan=plan)
+JOB = JobSpec(PPOJobConfig, run, "raygpt ppo", plan=plan)
+main = JOB.main
 
 
 if __name__ == "__main__":

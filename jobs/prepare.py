@@ -9,7 +9,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from jobs.cli import job_main
+from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
 from jobs.data.corpus import DEFAULT_VALIDATION_FRACTION
 from jobs.data.tokens import prepare
@@ -44,8 +44,8 @@ def run(cfg: PrepareJobConfig) -> dict:
     return meta
 
 
-def main(argv: list[str] | None = None) -> int:
-    return job_main(PrepareJobConfig, run, argv, prog="raygpt prepare")
+JOB = JobSpec(PrepareJobConfig, run, "raygpt prepare")
+main = JOB.main
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from cluster.train.engine import (
     measure_peak_flops,
     perplexity,
 )
-from jobs.cli import job_main
+from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
 
 
@@ -156,14 +156,9 @@ def plan(cfg: PretrainConfig) -> str:
             f"{o.micro_batch_size * o.grad_accum * topo.dp} sequences")
 
 
-def run(cfg: PretrainConfig, inject_failure: dict[str, Any] | None = None,
-        holds: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Train; returns a summary (also written to runs/<name>/summary.json).
-
-    Test hooks: inject_failure {"step": k, "rank": r, "marker": path} makes rank r raise before its step k+1 once
-    (the marker file records that it did), to exercise the restart from the latest checkpoint; holds
-    [{"dp": d, "step": k, "file": path}] make a group of data-parallel size d wait before its step k+1 while
-    the file exists, so a test can resize the cluster at a known point of the run."""
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    """Train; returns a summary (also written to runs/<name>/summary.json). Faults to suffer (`failure.inject`,
+    `failure.hold`) come with the config (cluster/faults.py)."""
     from cluster.runtime import init_ray
     from jobs.runs import start_run
 
@@ -173,7 +168,7 @@ def run(cfg: PretrainConfig, inject_failure: dict[str, Any] | None = None,
     t0 = time.perf_counter()
     loop_config = {
         "cfg": cfg, "model": mcfg.to_dict(), "run_dir": str(run_dir), "data_dir": str(Path(cfg.data.dir).resolve()),
-        "tokenizer": _tokenizer_path(cfg, meta), "inject_failure": inject_failure, "holds": holds or [],
+        "tokenizer": _tokenizer_path(cfg, meta),
         "resume_from": str(Path(cfg.checkpoint.resume_from).resolve()) if cfg.checkpoint.resume_from else None,
         "init_from": str(Path(cfg.model.init_from).resolve()) if cfg.model.init_from else None,
     }
@@ -211,7 +206,8 @@ def train_loop(c: dict[str, Any]) -> None:
     mcfg = GPTConfig.from_dict(c["model"])
     ctx = init_worker(cfg.parallel, cfg.seed)
     model = load_checkpoint(c["init_from"], kind="lm") if c["init_from"] else GPT(mcfg)
-    engine = build_engine(model, o, cfg.parallel, ctx, resume_from=c["resume_from"])
+    engine = build_engine(model, o, cfg.parallel, ctx, resume_from=c["resume_from"],
+                          faults=cfg.failure.plan(c["run_dir"]))
     seq = cfg.data.seq_len or mcfg.n_ctx
     train = TokenDataset(c["data_dir"], "train", ctx.dp_rank, ctx.dp_size, block_size=seq, seed=cfg.data.seed)
     val = TokenDataset(c["data_dir"], "validation", ctx.dp_rank, ctx.dp_size, block_size=seq, shuffle=False)
@@ -230,15 +226,8 @@ def train_loop(c: dict[str, Any]) -> None:
 
     if engine.state.step == 0:
         engine.log(validate())  # step-0 row: the untrained model's validation perplexity
-    fail = c.get("inject_failure")
     loop_t0, cpu_t0, loop_tokens = time.perf_counter(), time.process_time(), 0
     for step in range(engine.state.step, o.max_steps):
-        if fail and step == fail["step"] and ctx.rank == fail["rank"] and not Path(fail["marker"]).exists():
-            Path(fail["marker"]).write_text(f"rank {ctx.rank} failed before step {step + 1}\n")
-            raise RuntimeError(f"injected failure on rank {ctx.rank} before step {step + 1}")
-        for hold in c["holds"]:
-            while hold["dp"] == ctx.dp_size and hold["step"] == step and Path(hold["file"]).exists():
-                time.sleep(0.2)
         batch = _lm_batch(train.batch_at(step, rows))
         t0 = time.perf_counter()
         m = engine.train_step(batch)
@@ -271,8 +260,8 @@ def _lm_batch(block: Any) -> dict[str, Any]:
     return {"input_ids": t[:, :-1], "targets": t[:, 1:]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    return job_main(PretrainConfig, run, argv, prog="raygpt pretrain", plan=plan)
+JOB = JobSpec(PretrainConfig, run, "raygpt pretrain", plan=plan)
+main = JOB.main
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 
 from actors.reward import score_sequences
 from cluster.train.engine import CheckpointConfig, FailureConfig, FineTuneParallelConfig, OptimConfig, launch
-from jobs.cli import job_main
+from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
 from jobs.data.examples import batch_indices, encode_example, load_elements, rank_slice, rm_batch
 from jobs.data.tasks import TaskConfig, build_task
@@ -193,7 +193,8 @@ def train_loop(c: dict[str, Any]) -> None:
     ctx = init_worker(cfg.parallel, cfg.seed)
     torch.manual_seed(cfg.seed)  # the fresh scalar head: identical on every rank
     model = load_checkpoint(c["init_from"], kind="reward")
-    engine = build_engine(model, o, cfg.parallel, ctx, resume_from=c["resume_from"])
+    engine = build_engine(model, o, cfg.parallel, ctx, resume_from=c["resume_from"],
+                          faults=cfg.failure.plan(c["run_dir"]))
     train, val = c["train"], c["val"]
     rows = o.micro_batch_size * o.grad_accum
     val_shard = rank_slice(val, ctx.dp_rank, max(1, len(val) // ctx.dp_size)) if val else []
@@ -236,8 +237,8 @@ def train_loop(c: dict[str, Any]) -> None:
     save_checkpoint(rm, Path(c["run_dir"]) / "checkpoint", kind="reward", tokenizer=c["tokenizer"], extra=extra)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return job_main(RMConfig, run, argv, prog="raygpt rm")
+JOB = JobSpec(RMConfig, run, "raygpt rm")
+main = JOB.main
 
 
 if __name__ == "__main__":

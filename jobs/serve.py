@@ -6,7 +6,6 @@ in docs/SERVING.md.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import signal
@@ -17,7 +16,7 @@ from typing import Any
 from ray import serve
 
 from cluster.runtime import init_ray, is_embedded, shutdown_ray
-from jobs.config import ConfigError, from_dict, help_lines, load_config, to_dict
+from jobs.cli import Arg, JobSpec
 from jobs.serving.app import API_KEY_ENV, ServeConfig, build_app, plan
 
 
@@ -62,37 +61,12 @@ def run(cfg: ServeConfig) -> None:
             serve.delete(cfg.app_name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import yaml
-
-    parser = argparse.ArgumentParser(
-        prog="raygpt serve", description=(ServeConfig.__doc__ or "").strip(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config fields (set in YAML or with --set NAME=VALUE):\n" + "\n".join(help_lines(ServeConfig))
-        + f"\n\nAPI key: ${API_KEY_ENV} or http.api_key_file (never on the command line).",
-    )
-    parser.add_argument("checkpoints", nargs="*", help="checkpoint directories: PATH or NAME=PATH")
-    parser.add_argument("--config", help="YAML file with config fields (e.g. configs/serve.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
-    parser.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and plan; start nothing")
-    args = parser.parse_args(argv)
-    sets = list(args.set) + [f"http.host={args.host}"] * bool(args.host) + [f"http.port={args.port}"] * bool(args.port)
-    try:
-        cfg = load_config(ServeConfig, args.config, sets)
-        if args.checkpoints:
-            cfg = from_dict(ServeConfig, {**to_dict(cfg), "models": list(args.checkpoints)})
-        if args.dry_run:
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-            print("# placement plan")
-            print(plan(cfg))
-            return 0
-        run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+JOB = JobSpec(ServeConfig, run, "raygpt serve", plan=plan, args=(
+    Arg(("checkpoints",), "models", "checkpoint directories: PATH or NAME=PATH", kind="many"),
+    Arg(("--host",), "http.host", "HTTP bind address (default 127.0.0.1)"),
+    Arg(("--port",), "http.port", "HTTP port (default 8000)", type=int)),
+    epilog=f"API key: ${API_KEY_ENV} or http.api_key_file (never on the command line).")
+main = JOB.main
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.train.engine import CheckpointConfig, FailureConfig, FineTuneParallelConfig, OptimConfig, launch
-from jobs.cli import job_main
+from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
 from jobs.data.examples import ChatExample, Example, batch_indices, encode_demonstration, fits, rank_slice, sft_batch
 from jobs.data.tasks import TaskConfig, build_task
@@ -189,7 +189,8 @@ def train_loop(c: dict[str, Any]) -> None:
     ctx = init_worker(cfg.parallel, cfg.seed)
     model = load_checkpoint(c["init_from"], kind="lm")
     set_residual_dropout(model, cfg.resid_pdrop)
-    engine = build_engine(model, o, cfg.parallel, ctx, resume_from=c["resume_from"])
+    engine = build_engine(model, o, cfg.parallel, ctx, resume_from=c["resume_from"],
+                          faults=cfg.failure.plan(c["run_dir"]))
     train, val = c["train"], c["val"]
     rows = o.micro_batch_size * o.grad_accum
     # Pipeline stages exchange fixed-shape activations: pad every batch to the same width there.
@@ -228,8 +229,8 @@ def train_loop(c: dict[str, Any]) -> None:
                                  "demonstrations": len(train), "task": cfg.task.name}})
 
 
-def main(argv: list[str] | None = None) -> int:
-    return job_main(SFTConfig, run, argv, prog="raygpt sft")
+JOB = JobSpec(SFTConfig, run, "raygpt sft")
+main = JOB.main
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from jobs.cli import job_main
+from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
 from jobs.data.corpus import DEFAULT_VALIDATION_FRACTION, load_documents, split_documents
 
@@ -57,8 +57,8 @@ def run(cfg: TokenizerJobConfig) -> dict:
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    return job_main(TokenizerJobConfig, run, argv, prog="raygpt tokenizer")
+JOB = JobSpec(TokenizerJobConfig, run, "raygpt tokenizer")
+main = JOB.main
 
 
 if __name__ == "__main__":

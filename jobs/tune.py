@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import yaml
 
-from jobs.cli import ResolvedJob, job_main, resolve_job
+from jobs.cli import JobSpec, ResolvedJob, resolve_job
 from jobs.config import ConfigError, dump_yaml, field, from_dict, merge, to_dict
 
 _SPEC = re.compile(r"^\s*(loguniform|uniform|randint|choice|grid)\s*\((.*)\)\s*$")
@@ -140,8 +140,6 @@ def trial_config(job: ResolvedJob, params: dict[str, Any], run_name: str | None 
 def check(cfg: TuneJobConfig) -> ResolvedJob:
     """Resolve the job and check every swept value against its config class, before Ray starts."""
     job = resolve_job(cfg.job, cfg.job_args)
-    if job.cls is None or job.run is None:
-        raise ConfigError(f"job: {cfg.job!r} is not a config-driven job (it has its own parser); cannot tune it")
     data = to_dict(job.cfg)
     for path in [cfg.run_name_field] + ([cfg.runs_root_field] if cfg.runs_root_field else []):
         node: Any = data
@@ -287,8 +285,8 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return job_main(TuneJobConfig, run, argv, prog="raygpt tune")
+JOB = JobSpec(TuneJobConfig, run, "raygpt tune")
+main = JOB.main
 
 
 if __name__ == "__main__":
