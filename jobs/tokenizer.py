@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass
 
 from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
-from jobs.data.corpus import DEFAULT_VALIDATION_FRACTION, load_documents, split_documents
+from jobs.data.corpus import DEFAULT_VALIDATION_FRACTION
+from jobs.data.vocabulary import train_tokenizer
 
 
 @dataclass
@@ -39,20 +39,8 @@ class TokenizerJobConfig:
 
 
 def run(cfg: TokenizerJobConfig) -> dict:
-    from models.tokenizer import Tokenizer
-
-    docs = load_documents(cfg.corpus)
-    if cfg.held_in_only:
-        docs = split_documents(docs, cfg.validation_fraction)["train"]
-    t0 = time.perf_counter()
-    tok = Tokenizer.train((d.text for d in docs), vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency)
-    seconds = time.perf_counter() - t0
-    path = tok.save(cfg.out)
-    n_tokens = sum(len(ids) for ids in tok.encode_batch([d.text for d in docs]))
-    n_bytes = sum(len(d.text.encode()) for d in docs)
-    stats = {"tokenizer": str(path), "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "docs": len(docs),
-             "bytes": n_bytes, "tokens": n_tokens, "bytes_per_token": round(n_bytes / max(n_tokens, 1), 3),
-             "train_seconds": round(seconds, 2)}
+    stats = train_tokenizer(cfg.corpus, cfg.vocab_size, cfg.out, cfg.min_frequency, cfg.held_in_only,
+                            cfg.validation_fraction)
     print(json.dumps(stats))
     return stats
 
