@@ -8,8 +8,11 @@ On a machine with several interfaces Ray would otherwise advertise a non-loopbac
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from cluster import console
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +63,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         )
     else:
         ray.init(address=address or os.environ["RAY_ADDRESS"], logging_level="WARNING", **kwargs)
+    # Ray's internal chatter to a file, not the terminal (cluster/console.py); jobs point it at their run dir.
+    console.install(console.log_path() or Path(tempfile.gettempdir()) / "raygpt-ray-console.log")
     return ray.cluster_resources()
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster import console
 from jobs.cli import JobSpec, resolve_job
 from jobs.config import ConfigError, field, from_dict, to_dict
 
@@ -256,6 +257,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, root / "config.yaml")
+    console.redirect(root / "ray.log")
     state_path = root / "stages.json"
     state = _load_state(state_path) if cfg.resume else {}
     total = len(planned) + (0 if cfg.until else 2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cluster import console
 from jobs.config import dump_yaml
 
 
@@ -16,8 +17,10 @@ def run_dir(name: str, root: str | Path = "runs") -> Path:
 
 
 def start_run(cfg: Any, name: str, root: str | Path = "runs") -> Path:
-    """Create runs/<name>/ and write the resolved config as config.yaml."""
+    """Create runs/<name>/, write the resolved config as config.yaml, and send Ray's console chatter to
+    runs/<name>/ray.log (cluster/console.py)."""
     d = run_dir(name, root)
     d.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, d / "config.yaml")
+    console.redirect(d / "ray.log")
     return d
