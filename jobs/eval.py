@@ -1,4 +1,4 @@
-"""`raygpt eval`: held-out evaluation of any checkpoints (InstructGPT §4; DESIGN.md "Embedded RLHF task").
+"""`raygpt eval`: held-out evaluation of any checkpoints (InstructGPT §4; docs/RLHF.md).
 
 For every language-model checkpoint in `models` (label → directory), through the one held-out evaluation
 (jobs/rlhf/evaluation.py `compare_models`, also behind the RL job's final report and the demo):

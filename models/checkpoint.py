@@ -1,4 +1,4 @@
-"""Checkpoint directory = a Hugging Face GPT-2 directory (DESIGN.md "Checkpoint directory"):
+"""Checkpoint directory = a Hugging Face GPT-2 directory (docs/CHECKPOINTS.md):
 
     config.json         GPT2Config keys (+ a "raygpt" block with what GPT2Config cannot express)
     model.safetensors   GPT-2 parameter names, Conv1D layout (weights stored (in, out))

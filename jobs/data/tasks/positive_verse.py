@@ -1,4 +1,4 @@
-"""The embedded RLHF task: continue a line of verse so that it reads **positive** (DESIGN.md, "Embedded RLHF task").
+"""The embedded RLHF task: continue a line of verse so that it reads **positive** (docs/RLHF.md, "The task").
 
 Prompts are the openings (first `prompt_words` words) of spoken lines from the held-in documents of the corpus
 (`jobs.data.split_documents`'s "train" split, so the pretrained model has seen their plays and the held-out
