@@ -15,6 +15,9 @@ when nothing waits and a quarter of the slots are dead, the dead slots are dropp
 Group prefix sharing: the n samples of a prompt share its prefill — one forward pass per prompt, its keys/values
 and last logits expanded n times (the samples differ only by their seeds).
 
+On CPU the step multiplies with oneDNN-packed weights (`models.packed`, 2–3× faster skinny matmuls than the
+row-major weights; `packed=False` uses the model's own linears).
+
 Sampling is `models.generation.sample_next`, keyed by (row seed, row step), so a row's tokens are those of the same
 row decoded alone, whatever its batch-mates and whenever it was admitted. Log-probs are those of the tempered,
 unfiltered distribution, as the trainer's forward pass computes them.
@@ -30,7 +33,8 @@ import torch
 from torch import Tensor
 
 from models.generation import SamplingParams, left_pad, sample_next
-from models.gpt import GPT, KVCache
+from models.gpt import GPT, KVCache, attention_mask_4d
+from models.packed import available, packed_twin
 
 DROP_DEAD_FRACTION = 0.25  # drop dead slots once this share of the batch is dead and nothing waits
 
@@ -86,11 +90,13 @@ class _Slots:
 
 @torch.no_grad()
 def decode(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams, *, seeds: Tensor,
-           eos_id: int | None = None, n: int = 1, max_rows: int | None = None, pad_id: int = 0) -> Decoded:
+           eos_id: int | None = None, n: int = 1, max_rows: int | None = None, pad_id: int = 0,
+           packed: bool | None = None) -> Decoded:
     """Sample n responses to each prompt with continuous batching over at most `max_rows` decode slots.
 
     prompts: G token lists; seeds (G·n,) int64, one per output row; `max_rows` None = all rows at once (rounded
-    up to n so that one group always fits). Rows stop at `eos_id` (None: after max_new_tokens).
+    up to n so that one group always fits). Rows stop at `eos_id` (None: after max_new_tokens). `packed`: multiply
+    with oneDNN-packed weights (`models.packed`; None = whenever available: fp32 on CPU).
     """
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
@@ -110,11 +116,12 @@ def decode(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams,
             raise ValueError(f"prompts[{i}]: prompt ({len(p)}) + max_new_tokens ({N}) exceeds n_ctx={n_ctx}")
     dev = model.lm_head.weight.device
     seeds = seeds.to(dev)
+    if packed if packed is not None else available(model):
+        model = packed_twin(model)  # type: ignore[assignment]
     longest = max(len(p) for p in prompts)
     S = min(R, max(max_rows or R, n))
-    # Columns: room for the longest row plus as much slack again (compaction every ~span steps), within n_ctx
-    # (the model refuses a cache longer than its context).
-    L = min(n_ctx, 2 * (longest + N))
+    # Columns: room for the longest row plus as much slack again (a compaction every ~span steps at most).
+    L = 2 * (longest + N)
     slots = _Slots(model, S, L, col=longest)
     out_tokens = torch.full((R, N), pad_id, dtype=torch.long, device=dev)
     out_logprobs = torch.zeros((R, N), dtype=torch.float32, device=dev)
@@ -190,13 +197,35 @@ def _admit(model: GPT, slots: _Slots, groups: list[int], free: Tensor, prompts: 
     slots.live[free] = ~ended
 
 
+def decode_forward(model: GPT, tokens: Tensor, positions: Tensor, key_mask: Tensor, cache: KVCache) -> Tensor:
+    """One decoding step of `GPTModel.forward` for the slot cache: tokens, positions (S,) → logits (S, V).
+
+    The same modules in the same order (embeddings, blocks, final LayerNorm, unembedding); two things differ, and
+    only in how the step is set up: positions come per slot (they are not the cache column), and the attention
+    mask — `attention_mask_4d` over the cache columns — is built once per step as an additive float mask (given a
+    boolean mask, SDPA converts it in every layer, which dominated small models' decode attention on CPU). The cache
+    may be longer than n_ctx: columns are storage, positions stay < n_ctx."""
+    body = model.transformer
+    S = tokens.size(0)
+    x = body.drop(body.wte(tokens[:, None]) + body.wpe(positions[:, None]))  # (S, 1, C)
+    masks: dict[int | None, Tensor] = {}
+    for block in body.h:
+        window = block.attn.window
+        if window not in masks:
+            allowed = attention_mask_4d(key_mask, 1, cache.length, window, tokens.device, S)
+            assert allowed is not None  # a cache is in use: past > 0
+            masks[window] = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(
+                ~allowed, float("-inf"))
+        x = block(x, masks[window], cache)
+    cache.length += 1
+    return model.lm_head(body.ln_f(x[:, -1]))
+
+
 def _decode_step(model: GPT, slots: _Slots, params: SamplingParams, record) -> None:  # type: ignore[no-untyped-def]
     """Feed every slot's last token at the shared column; sample and record the live rows' next tokens."""
     col = slots.cache.length
     slots.key_mask[:, col] = slots.live.long()
-    hidden = model.transformer(slots.token[:, None], slots.key_mask[:, :col + 1], slots.position[:, None],
-                               cache=slots.cache)
-    logits = model.lm_head(hidden[:, -1])
+    logits = decode_forward(model, slots.token, slots.position, slots.key_mask[:, :col + 1], slots.cache)
     tokens, logprobs = sample_next(logits, params, slots.seed, slots.step)
     live = slots.live.nonzero().squeeze(-1)
     ended = record(slots.row[live], slots.step[live], tokens[live], logprobs[live])

@@ -83,12 +83,14 @@ def test_continuous_batching_equals_each_row_alone(params: SamplingParams, atten
         assert out.stats["prefills"] > 1 and out.stats["slots"] < len(ps) * n
 
 
-def test_slot_reuse_survives_column_compaction() -> None:
-    """Long run through few slots: the shared write column wraps around the cache (compaction) several times."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_slot_reuse_survives_column_compaction(packed: bool) -> None:
+    """Long run through few slots: the shared write column wraps around the cache (compaction) several times.
+    Both matmul paths: oneDNN-packed weights (the CPU default) and the model's own linears."""
     model, ps = eos_model(), prompts(count=12, seed=5)
     params = SamplingParams(max_new_tokens=16, temperature=1.0)
     seeds = torch.arange(len(ps) * 2) + 11
-    out = decode(model, ps, params, seeds=seeds, eos_id=EOS, n=2, max_rows=2, pad_id=EOS)
+    out = decode(model, ps, params, seeds=seeds, eos_id=EOS, n=2, max_rows=2, pad_id=EOS, packed=packed)
     assert out.stats["column_shifts"] >= 2, out.stats
     for r in range(len(ps) * 2):
         tokens, lps = naive(model, ps[r // 2], params, int(seeds[r]))
@@ -208,6 +210,17 @@ def test_native_engine_rows_and_seeds_follow_the_contract() -> None:
         assert gen.response_ids[r, :len(tokens)].tolist() == tokens
     with pytest.raises(ValueError, match="seeds"):
         engine.generate(ps, params, eos_id=EOS, seeds=seeds[:5], n=2)
+
+
+def test_packed_twin_follows_weight_updates() -> None:
+    """The oneDNN-packed copy is rebuilt when the weights change in place (load_state_dict, optimizer steps)."""
+    model, other = eos_model(seed=0), eos_model(seed=1)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    before = generate(model, [[1, 2, 3]], params, eos_id=EOS, seeds=[4])
+    model.load_state_dict(other.state_dict())
+    after = generate(model, [[1, 2, 3]], params, eos_id=EOS, seeds=[4])
+    theirs = generate(other, [[1, 2, 3]], params, eos_id=EOS, seeds=[4])
+    assert after.response_ids.tolist() == theirs.response_ids.tolist() != before.response_ids.tolist()
 
 
 def test_native_engine_load_weights_checksum_and_refusals() -> None:
