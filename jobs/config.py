@@ -9,6 +9,7 @@ dotted field in the error; unknown keys are errors, never silently ignored. Each
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -25,7 +26,6 @@ T = TypeVar("T")
 
 
 def _copy(value: Any) -> Any:
-    import copy
 
     return copy.deepcopy(value)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import socket
 import sys
@@ -29,9 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray import serve
+
 from cluster import console
+from cluster.runtime import init_ray, is_embedded, shutdown_ray
 from jobs.cli import JobSpec, resolve_job
-from jobs.config import ConfigError, field, from_dict, to_dict
+from jobs.config import ConfigError, dump_yaml, field, from_dict, to_dict
+from jobs.report import write_report
+from jobs.serving.app import API_KEY_ENV, ServeConfig, build_app
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
@@ -168,7 +174,6 @@ def plan_stages(cfg: DemoConfig) -> list[Planned]:
 
 
 def serve_config(cfg: DemoConfig) -> Any:
-    from jobs.serving.app import ServeConfig
 
     p = _paths(cfg)
     base = {"models": [f"pretrained={p['pretrain']}", f"sft={p['sft']}", f"ppo={p['ppo']}"],
@@ -180,9 +185,7 @@ def serve_config(cfg: DemoConfig) -> Any:
 
 
 def _api_key(scfg: Any) -> str | None:
-    import os
 
-    from jobs.serving.app import API_KEY_ENV
 
     if scfg.http.api_key_file:
         return Path(scfg.http.api_key_file).expanduser().read_text().strip()
@@ -197,9 +200,7 @@ def _free_port() -> int:
 
 def serve_one_request(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     """Deploy the three checkpoints behind Ray Serve, send one /v1/completions request, tear down."""
-    from ray import serve
 
-    from jobs.serving.app import build_app
 
     scfg = serve_config(cfg)
     app = build_app(scfg)
@@ -245,8 +246,6 @@ def _summary(result: Any) -> Any:
 
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
-    from cluster.runtime import init_ray, is_embedded, shutdown_ray
-    from jobs.config import dump_yaml
 
     planned = plan_stages(cfg)  # every stage validated first: a typo in ppo fails now, not after pretraining
     if not cfg.until:
@@ -312,7 +311,6 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
             shutdown_ray()
 
     _banner(total, total, "report", "report.md and plots", t_start)
-    from jobs.report import write_report
 
     try:
         report = write_report(root, cfg, state, time.perf_counter() - t_start)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from jobs.cli import Arg, JobSpec
 from jobs.config import ConfigError, field
@@ -28,7 +29,6 @@ from models.tokenizer import Tokenizer, TokenizerError
 def _load_weights(src: Path) -> dict[str, torch.Tensor]:
     st, binf = src / "model.safetensors", src / "pytorch_model.bin"
     if st.is_file():
-        from safetensors.torch import load_file
 
         try:
             return load_file(str(st))

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from cluster.metrics import read_metrics
 
 
@@ -41,10 +43,10 @@ def _first_present(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str | N
 
 
 def _plt() -> Any:
-    import matplotlib
+    import matplotlib  # lazy: plotting is the last step, and matplotlib costs ~0.5 s to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg")
 
     return plt
 
@@ -241,8 +243,6 @@ def _load_json(path: Path) -> dict[str, Any]:
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray.job_submission import JobSubmissionClient
+
 from jobs.cli import resolve_job
 from jobs.config import ConfigError
 
@@ -48,7 +50,6 @@ def address_of(address: str | None) -> str:
 
 
 def _client(address: str | None) -> Any:
-    from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address_of(address))
 

@@ -30,10 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import ray
 import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from cluster.runtime import init_ray, is_embedded, shutdown_ray
 from jobs.cli import JobSpec, ResolvedJob, resolve_job
 from jobs.config import ConfigError, dump_yaml, field, from_dict, merge, to_dict
+from jobs.runs import start_run
 
 _SPEC = re.compile(r"^\s*(loguniform|uniform|randint|choice|grid)\s*\((.*)\)\s*$")
 
@@ -119,7 +125,6 @@ def _samples(kind: str, args: list[Any]) -> list[Any]:
 
 
 def tune_domain(kind: str, args: list[Any]) -> Any:
-    from ray import tune
 
     return {"loguniform": lambda: tune.loguniform(*args), "uniform": lambda: tune.uniform(*args),
             "randint": lambda: tune.randint(int(args[0]), int(args[1])), "choice": lambda: tune.choice(args),
@@ -174,7 +179,6 @@ def make_trainable(job: ResolvedJob, cfg: TuneJobConfig, cwd: str) -> Any:
     """The Tune function trainable: run the job in a thread, stream its metric rows to Tune."""
 
     def trainable(params: dict[str, Any]) -> None:
-        from ray import tune
 
         if os.path.isdir(cwd):
             os.chdir(cwd)  # Tune starts trials in their trial dir; the job's relative paths mean the project's
@@ -219,12 +223,7 @@ def run(cfg: TuneJobConfig) -> dict[str, Any]:
 
 def sweep(job: ResolvedJob, cfg: TuneJobConfig) -> dict[str, Any]:
     """Run the sweep for an already resolved job (tests pass their own)."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    from cluster.runtime import init_ray, is_embedded, shutdown_ray
-    from jobs.runs import start_run
 
     out = start_run(cfg, cfg.name, cfg.runs_root).resolve()
     started_here = not ray.is_initialized()
@@ -274,7 +273,6 @@ def _reports_of_full_run(grid: Any) -> int:
 
 
 def _seeded_search(seed: int, max_concurrent: int) -> Any:
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
 

@@ -60,7 +60,7 @@ class LimitsConfig:
 
 
 def bind_replica_grpc_to_loopback() -> None:
-    """Ray Serve 2.60 replicas open an internal gRPC server on [::] with no setting (docs/ARCHITECTURE.md, "Networking").
+    """Ray Serve 2.60 replicas open an internal gRPC server on [::] with no setting (docs/ARCHITECTURE.md).
     Rebind it to 127.0.0.1 before the replica starts it; fail closed if Serve no longer has the hook."""
     from ray.serve._private import replica
 
