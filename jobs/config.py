@@ -103,7 +103,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             if isinstance(value, dict) and dataclasses.is_dataclass(hints[f.name]):
                 # A section given partially (YAML or --set) overrides the field's own default instance,
                 # e.g. field(OptimConfig(lr=1e-3)) keeps lr=1e-3 when only max_steps is set.
-                value = _deep_merge(_section_default(f), value)
+                value = deep_merge(_section_default(f), value)
             kwargs[f.name] = _coerce(hints[f.name], value, where)
     try:
         obj = cls(**kwargs)
@@ -130,10 +130,11 @@ def _section_default(f: dataclasses.Field) -> dict[str, Any]:
     return dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `update` laid over it, nested mappings merged key by key (neither argument is modified)."""
+    out = copy.deepcopy(base)
     for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 

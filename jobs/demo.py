@@ -15,7 +15,6 @@ and `--set` as for every job, e.g. `--set pretrain.optim.max_steps=300 --set ppo
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -35,7 +34,7 @@ from ray import serve
 from cluster import console
 from cluster.runtime import init_ray, is_embedded, shutdown_ray
 from jobs.cli import JobSpec, resolve_job
-from jobs.config import ConfigError, dump_yaml, field, from_dict, to_dict
+from jobs.config import ConfigError, deep_merge, dump_yaml, field, from_dict, to_dict
 from jobs.report import write_report
 from jobs.serving.app import API_KEY_ENV, ServeConfig, build_app
 
@@ -142,13 +141,6 @@ STAGES: list[Stage] = [
 ]
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 @dataclass
 class Planned:
     stage: Stage
@@ -164,7 +156,7 @@ def plan_stages(cfg: DemoConfig) -> list[Planned]:
     for stage in STAGES[:last + 1]:
         try:
             job = resolve_job(stage.name, [])
-            data = _deep_merge(_deep_merge(to_dict(job.cfg), stage.wire(cfg)), getattr(cfg, stage.name))
+            data = deep_merge(deep_merge(to_dict(job.cfg), stage.wire(cfg)), getattr(cfg, stage.name))
             stage_cfg = from_dict(job.cls, data)
         except ConfigError as e:
             raise StageError(f"stage {stage.name!r}: {e}") from None
@@ -179,7 +171,7 @@ def serve_config(cfg: DemoConfig) -> Any:
     base = {"models": [f"pretrained={p['pretrain']}", f"sft={p['sft']}", f"ppo={p['ppo']}"],
             "app_name": f"raygpt-{cfg.name}", "http": {"host": "127.0.0.1", "port": _free_port()}}
     try:
-        return from_dict(ServeConfig, _deep_merge(_deep_merge(to_dict(ServeConfig()), base), cfg.serve))
+        return from_dict(ServeConfig, deep_merge(deep_merge(to_dict(ServeConfig()), base), cfg.serve))
     except ConfigError as e:
         raise StageError(f"stage 'serve': {e}") from None
 
