@@ -116,17 +116,45 @@ def test_sampled_logprobs_equal_recomputed() -> None:
     torch.testing.assert_close(out.logprobs, ref * out.response_mask, atol=1e-5, rtol=1e-5)
 
 
-def test_eos_stops_rows_and_masks_the_rest() -> None:
+def eos_at_position(trigger: int) -> GPT:
+    """A model that emits EOS exactly when decoding from absolute position `trigger` and never elsewhere: residual
+    features 0 and 1 are zero everywhere (embeddings and every block's output projections write nothing there)
+    except a large feature 0 in the position embedding of `trigger`; feature 1 after the final LayerNorm is its
+    bias, 1. The EOS row of the (tied) unembedding reads +5·f0 − 10·f1, so the EOS logit is ≈ +30 at `trigger`
+    and ≈ −10 at every other position."""
     torch.manual_seed(0)
     model = GPT(CFG).eval()
     with torch.no_grad():
-        model.lm_head.weight[CFG.eos_token_id] += 5.0  # make EOS likely
-    out = generate(model, [[1, 2], [3, 4]], SamplingParams(max_new_tokens=20), eos_id=CFG.eos_token_id,
-                   seeds=0)
-    for row, mask in zip(out.response_ids.tolist(), out.response_mask.tolist()):
-        if CFG.eos_token_id in row:
-            end = row.index(CFG.eos_token_id)
-            assert mask == [1] * (end + 1) + [0] * (len(row) - end - 1)
+        for emb in (model.transformer.wte.weight, model.transformer.wpe.weight):
+            emb[:, :2] = 0.0
+        for block in model.transformer.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight[:2] = 0.0
+                proj.bias[:2] = 0.0
+        model.transformer.wpe.weight[trigger, 0] = 50.0
+        model.transformer.ln_f.bias[1] = 1.0
+        model.lm_head.weight[CFG.eos_token_id] = 0.0
+        model.lm_head.weight[CFG.eos_token_id, :2] = torch.tensor([5.0, -10.0])
+    return model
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (1.0, 0), (0.7, 5)])
+def test_eos_stops_rows_and_masks_the_rest(temperature: float, top_k: int) -> None:
+    # Prompts of lengths 1..4: position p predicts response token p − L + 1, so the hidden state at the trigger
+    # position 6 makes EOS response token 7 − L: rows stop at different steps, 6, 5, 4, 3.
+    model = eos_at_position(6)
+    prompts = [[1], [2, 3], [4, 5, 6], [7, 8, 9, 10]]
+    out = generate(model, prompts, SamplingParams(max_new_tokens=12, temperature=temperature, top_k=top_k),
+                   eos_id=CFG.eos_token_id, seeds=0)
+    ends = [7 - len(p) for p in prompts]
+    assert out.response_ids.shape == (4, max(ends) + 1)  # decoding stopped once the last row ended
+    for row, mask, end in zip(out.response_ids.tolist(), out.response_mask.tolist(), ends):
+        assert row.index(CFG.eos_token_id) == end and CFG.eos_token_id not in row[:end]
+        assert mask == [1] * (end + 1) + [0] * (len(row) - end - 1)  # EOS itself counts, the tail is masked
+    # the same model without the trigger inside the window never stops: the EOS above is the trigger's doing
+    late = generate(eos_at_position(40), prompts, SamplingParams(max_new_tokens=12, temperature=temperature,
+                                                                 top_k=top_k), eos_id=CFG.eos_token_id, seeds=0)
+    assert late.response_ids.shape == (4, 12) and bool(late.response_mask.all())
 
 
 def test_same_seed_same_sample_different_seed_differs() -> None:
