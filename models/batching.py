@@ -26,7 +26,7 @@ unfiltered distribution, as the trainer's forward pass computes them.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -91,12 +91,15 @@ class _Slots:
 @torch.no_grad()
 def decode(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams, *, seeds: Tensor,
            eos_id: int | None = None, n: int = 1, max_rows: int | None = None, pad_id: int = 0,
-           packed: bool | None = None) -> Decoded:
+           packed: bool | None = None, compile: bool = False) -> Decoded:
     """Sample n responses to each prompt with continuous batching over at most `max_rows` decode slots.
 
     prompts: G token lists; seeds (G·n,) int64, one per output row; `max_rows` None = all rows at once (rounded
     up to n so that one group always fits). Rows stop at `eos_id` (None: after max_new_tokens). `packed`: multiply
-    with oneDNN-packed weights (`models.packed`; None = whenever available: fp32 on CPU).
+    with oneDNN-packed weights (`models.packed`; None = whenever available: fp32 on CPU). `compile`: run the
+    decode step through `torch.compile` (inductor, dynamic shapes; implies packed=False, which dynamo cannot
+    trace). Off by default: on the 2-core CPU it costs ~25 s of compilation per process for `tiny` and is no
+    faster than packed eager (docs/BENCHMARKS.md).
     """
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
@@ -116,8 +119,12 @@ def decode(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams,
             raise ValueError(f"prompts[{i}]: prompt ({len(p)}) + max_new_tokens ({N}) exceeds n_ctx={n_ctx}")
     dev = model.lm_head.weight.device
     seeds = seeds.to(dev)
-    if packed if packed is not None else available(model):
+    if compile and packed:
+        raise ValueError("compile: the compiled decode step multiplies with the model's own weights; packed=True "
+                         "cannot be combined with compile=True")
+    if not compile and (packed if packed is not None else available(model)):
         model = packed_twin(model)  # type: ignore[assignment]
+    step_forward = _compiled_forward() if compile else decode_forward
     longest = max(len(p) for p in prompts)
     S = min(R, max(max_rows or R, n))
     # Columns: room for the longest row plus as much slack again (a compaction every ~span steps at most).
@@ -161,7 +168,7 @@ def decode(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams,
             span = int(slots.position[slots.live].max())
             slots.shift_columns(max(longest, span))
             stats["column_shifts"] += 1
-        _decode_step(model, slots, params, record)
+        _decode_step(model, slots, params, record, step_forward)
         stats["decode_steps"] += 1
         stats["slot_steps"] += slots.size
     return Decoded(out_tokens.cpu(), out_logprobs.cpu(), out_len.cpu(), stats)
@@ -221,11 +228,22 @@ def decode_forward(model: GPT, tokens: Tensor, positions: Tensor, key_mask: Tens
     return model.lm_head(body.ln_f(x[:, -1]))
 
 
-def _decode_step(model: GPT, slots: _Slots, params: SamplingParams, record) -> None:  # type: ignore[no-untyped-def]
+_COMPILED: list[Callable[..., Tensor]] = []
+
+
+def _compiled_forward() -> Callable[..., Tensor]:
+    """`decode_forward` through torch.compile, built once per process (dynamo re-specialises per model)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(decode_forward, dynamic=True))
+    return _COMPILED[0]
+
+
+def _decode_step(model: GPT, slots: _Slots, params: SamplingParams, record,  # type: ignore[no-untyped-def]
+                 forward: Callable[..., Tensor]) -> None:
     """Feed every slot's last token at the shared column; sample and record the live rows' next tokens."""
     col = slots.cache.length
     slots.key_mask[:, col] = slots.live.long()
-    logits = decode_forward(model, slots.token, slots.position, slots.key_mask[:, :col + 1], slots.cache)
+    logits = forward(model, slots.token, slots.position, slots.key_mask[:, :col + 1], slots.cache)
     tokens, logprobs = sample_next(logits, params, slots.seed, slots.step)
     live = slots.live.nonzero().squeeze(-1)
     ended = record(slots.row[live], slots.step[live], tokens[live], logprobs[live])

@@ -183,14 +183,16 @@ def stream(model: GPT, input_ids: Tensor, attention_mask: Tensor, params: Sampli
 @torch.no_grad()
 def generate(model: GPT, prompts: Sequence[Sequence[int]] | Tensor, params: SamplingParams, *,
              eos_id: int | None = None, seeds: Seeds = None, attention_mask: Tensor | None = None,
-             pad_id: int | None = None, n: int = 1, max_rows: int | None = None) -> Generation:
+             pad_id: int | None = None, n: int = 1, max_rows: int | None = None,
+             packed: bool | None = None, compile: bool = False) -> Generation:
     """Sample n continuations of each prompt (token lists, or already left-padded ids + mask): len(prompts)·n
     rows, row i·n + j = sample j of prompt i. Rows stop at `eos_id` (None: run max_new_tokens); `seeds` give
     every row its own draws (see `Seeds`; an int s seeds row r with s + r).
 
     Decoding is `models.batching.decode`: continuous batching over at most `max_rows` slots (None: every row at
     once), each prompt prefilled once for its n samples. A row's tokens do not depend on `max_rows`, `n`-sharing
-    or its batch-mates (same seeds, same tokens)."""
+    or its batch-mates (same seeds, same tokens). `packed`: oneDNN-packed weights for the matmuls (None = on CPU);
+    `compile`: torch.compile the decode step (see `models.batching.decode`)."""
     from models.batching import decode  # batching builds on this module's sampler
 
     pad = pad_id if pad_id is not None else (eos_id or 0)
@@ -205,7 +207,8 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]] | Tensor, params: Samp
         raise ValueError("prompts: empty batch")
     rows = len(lists) * n
     out = decode(model, lists, params, seeds=row_seeds(seeds, rows, model.lm_head.weight.device), eos_id=eos_id,
-                 n=n, max_rows=max_rows, pad_id=pad)
+                 n=n, max_rows=max_rows, pad_id=pad, packed=packed,
+                 compile=compile)
     N = int(out.lengths.max())
     response_mask = (torch.arange(N) < out.lengths[:, None]).long()
     if n > 1:

@@ -238,3 +238,17 @@ def test_native_engine_load_weights_checksum_and_refusals() -> None:
     bad = dict(state, **{"transformer.wpe.weight": state["transformer.wpe.weight"][:5]})
     with pytest.raises(ValueError, match=r"state\['transformer.wpe.weight'\]: shape"):
         engine.load_weights(bad, 4)
+
+
+@pytest.mark.slow  # ~15 s of inductor compilation
+def test_compiled_decode_step_equals_each_row_alone() -> None:
+    model, ps = eos_model(), prompts()
+    params = SamplingParams(max_new_tokens=16, temperature=1.0)
+    seeds = torch.arange(len(ps) * 2) + 3
+    out = decode(model, ps, params, seeds=seeds, eos_id=EOS, n=2, max_rows=5, pad_id=EOS, compile=True)
+    for r in range(len(ps) * 2):
+        tokens, lps = naive(model, ps[r // 2], params, int(seeds[r]))
+        assert out.tokens[r, :int(out.lengths[r])].tolist() == tokens, f"row {r}"
+        torch.testing.assert_close(out.logprobs[r, :int(out.lengths[r])], lps, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="compile"):
+        decode(model, ps, params, seeds=seeds, n=2, packed=True, compile=True)
