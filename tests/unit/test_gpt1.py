@@ -136,3 +136,16 @@ def test_import_hf_cli_reads_an_openai_gpt_directory(tmp_path: Path) -> None:
     ids = torch.tensor([tok.encode("compare thee to a summer's day")])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_export_gpt1_loads_with_auto_classes(tmp_path: Path) -> None:
+    tok = Tokenizer.train(["Shall I compare thee to a summer's day?"] * 20, vocab_size=300)
+    torch.manual_seed(1)
+    ours = GPT(CFG.replace(vocab_size=tok.vocab_size)).eval()
+    out = export_job.export(save_checkpoint(ours, tmp_path / "c", tokenizer=tok), tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "OpenAIGPTLMHeadModel"
+    ids = torch.tensor([transformers.AutoTokenizer.from_pretrained(out)("compare thee to a day")["input_ids"]])
+    assert ids.tolist() == [tok.encode("compare thee to a day")]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
