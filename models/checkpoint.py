@@ -16,6 +16,7 @@ checkpoint under the final name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -221,13 +222,24 @@ def save_checkpoint(model: nn.Module, path: str | Path, kind: Kind | None = None
 
 def write_checkpoint_dir(path: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
                          tokenizer: Any = None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer.json) to a temporary sibling directory, then rename it
-    to `path` (replacing an existing one), so a crash never leaves a half-written checkpoint under that name."""
+    """Write config.json + model.safetensors (+ tokenizer.json) to a temporary sibling directory, flush it to disk,
+    then rename it to `path` (replacing an existing one), so a crash — SIGKILL included — never leaves a
+    half-written checkpoint under that name: `path` is the previous complete checkpoint or the new complete one.
+
+    Replacing takes two renames (`path` → `.<name>.old-<pid>`, temp → `path`); a kill between them leaves no
+    `path` but the previous checkpoint intact under the `.old-` name, which the next write or load puts back
+    (`recover_checkpoint_dir`). A directory that cannot be written (read-only, full disk) raises CheckpointError
+    naming it; the previous checkpoint is untouched and no partial file is left under `path`."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        recover_checkpoint_dir(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -238,6 +250,7 @@ def write_checkpoint_dir(path: str | Path, config: dict[str, Any], tensors: dict
                 tokenizer.save(tmp / TOKENIZER_FILE)
             # transformers' tokenizer files: special tokens and the one chat template raygpt trains and serves with
             write_tokenizer_config(tmp, config.get("n_positions"))
+        _fsync_tree(tmp)  # the data is on disk before the name points at it (a power cut, not only a kill)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)
@@ -245,10 +258,67 @@ def write_checkpoint_dir(path: str | Path, config: dict[str, Any], tensors: dict
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(path)
+        _fsync_dir(path.parent)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(path, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _write_error(path: Path, e: Exception) -> CheckpointError:
+    code = getattr(e, "errno", None)
+    if code is None and "os error " in str(e):  # safetensors' Rust I/O errors carry the errno in their text
+        tail = str(e).rpartition("os error ")[2].rstrip(")")
+        code = int(tail) if tail.isdigit() else None
+    why = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+           errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(code or 0, str(e))
+    return CheckpointError(f"{path}: cannot write the checkpoint ({why}); nothing was written under this name and "
+                           "the previous checkpoint there, if any, is unchanged")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for f in directory.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(directory)
+
+
+def recover_checkpoint_dir(path: str | Path) -> bool:
+    """Undo a replace that was killed between its two renames: when `path` is missing and a complete previous
+    checkpoint waits under `.<name>.old-<pid>` whose writer process is gone, rename it back. A live writer's
+    `.old-` directory is left alone (it is between its two renames right now). True when something was recovered."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return False
+    for old in sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+        pid = old.name.rpartition("-")[2]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if (old / CONFIG_FILE).is_file() and (old / WEIGHTS_FILE).is_file():
+            old.rename(path)
+            return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def read_config(path: str | Path) -> tuple[GPTConfig, Kind, dict[str, Any]]:
@@ -260,6 +330,11 @@ def read_config(path: str | Path) -> tuple[GPTConfig, Kind, dict[str, Any]]:
 def read_config_json(path: str | Path) -> dict[str, Any]:
     """config.json of a checkpoint directory as a dict; CheckpointError naming the file otherwise."""
     path = Path(path)
+    if not path.is_dir():
+        try:
+            recover_checkpoint_dir(path)
+        except OSError:
+            pass  # a read-only parent: report the missing directory below
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
     cfg_file = path / CONFIG_FILE
