@@ -21,7 +21,6 @@ iteration number *is* the RNG state.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -99,9 +98,11 @@ def _mean(dicts: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Temp file, fsync, rename (models/files.py): the `latest` pointer names a complete state even after a
+    SIGKILL or a power cut, and it is written only after the engines' saves have returned."""
+    from models.files import write_atomic
+
+    write_atomic(path, text)
 
 
 @dataclass
