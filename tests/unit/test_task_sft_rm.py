@@ -101,7 +101,17 @@ def test_rm_loss_matches_naive_pairs_with_mixed_k() -> None:
     torch.testing.assert_close(loss, _naive_kwise(rm, elements), rtol=1e-5, atol=1e-6)
     loss.backward()
     assert rm.score.weight.grad is not None and bool(rm.score.weight.grad.abs().sum() > 0)
-    assert 0.0 <= float(metrics["accuracy"]) <= 1.0
+    # the logged accuracy and margin: per prompt over its C(K,2) pairs, then the mean over prompts
+    with torch.no_grad():
+        acc, margin = [], []
+        for seqs, ranking in elements:
+            r = [float(rm(torch.tensor([s]))[0]) for s in seqs]
+            pairs = [(ranking[i], ranking[j]) for i, j in itertools.combinations(range(len(seqs)), 2)]
+            acc.append(sum(r[w] > r[lo] for w, lo in pairs) / len(pairs))
+            margin.append(sum(r[w] - r[lo] for w, lo in pairs) / len(pairs))
+    assert 0 < sum(acc) / 3 < 1  # a random RM orders some pairs right and some wrong: both counts are exercised
+    assert float(metrics["accuracy"]) == pytest.approx(sum(acc) / 3, abs=1e-6)
+    assert float(metrics["margin"]) == pytest.approx(sum(margin) / 3, abs=1e-5)
 
 
 def test_rm_batch_rejects_k_below_two() -> None:
