@@ -60,6 +60,11 @@ class Job:
     seed: int = 0  # row i samples with seed + i
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None = no logprobs; k ≥ 0 = chosen-token logprobs (+ top-k alternatives)
+    max_prompt_tokens: int = 0  # limits.max_prompt_tokens: most prompt tokens over all prompts (0 = no limit)
+
+
+# Error codes whose request is too large rather than malformed: answered 413 (limits.*, docs/SERVING.md).
+TOO_LARGE = frozenset({"request_too_large", "prompt_too_large"})
 
 
 @dataclass

@@ -88,6 +88,9 @@ class ServeConfig:
             ("limits.max_body_bytes", lim.max_body_bytes >= 1024, "must be >= 1024"),
             ("limits.request_timeout_s", lim.request_timeout_s > 0, "must be > 0"),
             ("limits.retries", lim.retries >= 0, "must be >= 0"),
+            ("limits.max_prompt_tokens", lim.max_prompt_tokens >= 0, "must be >= 0 (0 = no limit)"),
+            ("limits.max_request_tokens", lim.max_request_tokens >= 0, "must be >= 0 (0 = no limit)"),
+            ("limits.max_streams_per_key", lim.max_streams_per_key >= 0, "must be >= 0 (0 = no limit)"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -150,6 +150,10 @@ class Batcher:
                     "context_length_exceeded",
                 )
             out.append(ids)
+        total = sum(len(ids) for ids in out)
+        if job.max_prompt_tokens and total > job.max_prompt_tokens:
+            raise RequestError("prompt", f"{total} prompt tokens in this request; this server accepts at most "
+                               f"{job.max_prompt_tokens} (limits.max_prompt_tokens)", "prompt_too_large")
         return out
 
     # --- decoding ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from jobs.config import field
 from jobs.serving.api import (
+    TOO_LARGE,
     ApiError,
     ChatRequest,
     ChoiceDelta,
@@ -47,6 +48,7 @@ from jobs.serving.api import (
     to_chat,
     usage_json,
 )
+from jobs.serving.openapi import openapi_spec
 
 
 @dataclass
@@ -55,6 +57,12 @@ class LimitsConfig:
     default_max_tokens: int = field(16, help="max_tokens when a request leaves it unset (OpenAI's default)")
     max_choices: int = field(16, help="most completions per request (number of prompts × n)")
     max_body_bytes: int = field(1 << 20, help="largest request body; larger → 413")
+    max_prompt_tokens: int = field(0, help="most prompt tokens over all prompts of a request; more → 413 "
+                                           "(0 = only the model's context bounds each prompt)")
+    max_request_tokens: int = field(0, help="most completion tokens a request may ask for, prompts × n × "
+                                            "max_tokens; more → 413 (0 = max_choices × max_tokens)")
+    max_streams_per_key: int = field(0, help="concurrent streams one API key (or, without auth, all clients) may "
+                                             "hold open per ingress replica; more → 429 (0 = no limit)")
     request_timeout_s: float = field(60.0, help="per-request deadline; past it → 408 (streams: an error event)")
     retries: int = field(2, help="re-sends of a request whose model replica died before answering")
 
@@ -230,6 +238,8 @@ class ModelServer:
             yield [self._with_tokens(job, d) for d in deltas]
 
 
+# FastAPI's own description would not show the request bodies (the endpoints parse them strictly themselves):
+# /openapi.json serves one built from the pydantic schemas instead (jobs/serving/openapi.py).
 api = FastAPI(title="raygpt", docs_url=None, redoc_url=None, openapi_url=None)
 RETRYABLE = (RayActorError, ReplicaUnavailableError)  # the replica died or vanished before answering
 
@@ -265,6 +275,7 @@ class IngressServer:
         self.key = bytes.fromhex(key_sha256) if key_sha256 else None
         self.default = default_model or next(iter(models))
         self.created = int(time.time())
+        self.streams: dict[bytes, int] = {}  # open streams per API key hash (b"" without auth), this replica
         reg = self.registry = CollectorRegistry()
         self.m_req = Counter("raygpt_requests", "HTTP requests", ["endpoint", "model", "status"], registry=reg)
         self.m_lat = Histogram("raygpt_request_latency_seconds", "request latency", ["endpoint", "model"],
@@ -312,9 +323,16 @@ class IngressServer:
         if len(prompts) * req.n > self.lim.max_choices:
             raise ApiError(400, f"n: {len(prompts)} prompt(s) × n={req.n} completions is above this server's "
                                 f"limit of {self.lim.max_choices}", "n", "too_many_choices")
+        budget = len(prompts) * req.n * max_tokens
+        if self.lim.max_request_tokens and budget > self.lim.max_request_tokens:
+            raise ApiError(413, f"max_tokens: {len(prompts)} prompt(s) × n={req.n} × max_tokens={max_tokens} = "
+                                f"{budget} completion tokens is above this server's limit of "
+                                f"{self.lim.max_request_tokens} per request (limits.max_request_tokens)",
+                           "max_tokens", "request_too_large")
         # A server-chosen seed when the client gives none: a retry after a replica death repeats the sample.
         seed = req.seed if req.seed is not None else secrets.randbelow(2**62)
-        return name, Job(prompts, req.n, max_tokens, req.temperature, req.top_p, seed, req.stops(), req.logprobs)
+        return name, Job(prompts, req.n, max_tokens, req.temperature, req.top_p, seed, req.stops(), req.logprobs,
+                         self.lim.max_prompt_tokens)
 
     def _timed_out(self) -> ApiError:
         return ApiError(408, f"request timed out after {self.lim.request_timeout_s:g} s (limits.request_timeout_s)",
@@ -374,10 +392,10 @@ class IngressServer:
             req = parse(ChatRequest, data).to_completion() if chat else parse(CompletionRequest, data)
             model, job = self._job(req)
             if req.stream:
-                return await self._stream(endpoint, model, job, req, chat, t0)
+                return await self._stream(endpoint, model, job, req, chat, t0, request)
             reply = await self._call(model, job, t0)
             if reply.error:
-                raise ApiError(400, **reply.error)
+                raise ApiError(413 if reply.error.get("code") in TOO_LARGE else 400, **reply.error)
         except ApiError as e:
             self._observe(endpoint, model, e.status, t0, None)
             return error_response(e)
@@ -395,8 +413,38 @@ class IngressServer:
         self._observe(endpoint, model, 200, t0, reply, n_tokens, rows)
         return JSONResponse(to_chat(body) if chat else body, headers={"x-raygpt-batch-rows": str(rows)})
 
+    def _open_stream(self, request: Request) -> bytes:
+        """Count a stream against its API key (limits.max_streams_per_key); 429 when the key has its fill. The
+        count is per ingress replica: it bounds what one client can hold of this replica's memory and sockets."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        who = hashlib.sha256(token.strip().encode()).digest() if self.key is not None else b""
+        limit = self.lim.max_streams_per_key
+        if limit and self.streams.get(who, 0) >= limit:
+            raise ApiError(429, f"too many concurrent streams for this API key (limit {limit}, "
+                                "limits.max_streams_per_key); wait for one to finish", None, "too_many_streams",
+                           "rate_limit_error")
+        self.streams[who] = self.streams.get(who, 0) + 1
+        return who
+
+    def _close_stream(self, who: bytes) -> None:
+        left = self.streams.get(who, 1) - 1
+        if left > 0:
+            self.streams[who] = left
+        else:
+            self.streams.pop(who, None)
+
     async def _stream(self, endpoint: str, model: str, job: Job, req: CompletionRequest, chat: bool,
-                      t0: float) -> Response:
+                      t0: float, request: Request) -> Response:
+        who = self._open_stream(request)
+        try:
+            response = await self._stream_open(endpoint, model, job, req, chat, t0, who)
+        except BaseException:
+            self._close_stream(who)
+            raise
+        return response
+
+    async def _stream_open(self, endpoint: str, model: str, job: Job, req: CompletionRequest, chat: bool,
+                           t0: float, who: bytes) -> Response:
         # Open the model stream and read its first item (accepted / error) before answering, so a prompt
         # the model rejects still gets a 400 status rather than an error inside a 200 event stream.
         for attempt in range(self.lim.retries + 1):
@@ -411,7 +459,8 @@ class IngressServer:
                 if attempt == self.lim.retries:
                     raise
         if head.error:
-            raise ApiError(400, **head.error)
+            gen.cancel()
+            raise ApiError(413 if head.error.get("code") in TOO_LARGE else 400, **head.error)
         cid, created = new_id("cmpl"), int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -423,30 +472,36 @@ class IngressServer:
             return sse(to_chat(body, chunk=True) if chat else body)
 
         async def events() -> AsyncIterator[str]:
-            n_tokens, rows, status = 0, 0, 200
+            n_tokens, rows, status, finished = 0, 0, 200, False
             try:
-                while True:
-                    try:
-                        deltas = await asyncio.wait_for(gen.__anext__(), self._deadline_left(t0))
-                    except StopAsyncIteration:
-                        break
-                    except asyncio.TimeoutError:
-                        gen.cancel()
-                        raise self._timed_out() from None
-                    for d in deltas:
-                        n_tokens += len(d.token_ids)
-                        rows = max(rows, d.batch_rows)
-                        yield chunk([self._choice_json(d, job.logprobs)])
-                if include_usage:
-                    yield chunk([], usage_json(head.prompt_tokens, n_tokens))
-            except ApiError as e:  # headers are sent: report in-band, as OpenAI does
-                status = e.status
-                yield sse(e.body())
-            except Exception as e:  # noqa: BLE001 - a dead replica mid-stream: tell the client, keep serving
-                status = 500
-                yield sse(ApiError(500, f"stream interrupted: {type(e).__name__}", type="server_error").body())
-            yield sse("[DONE]")
-            self._observe(endpoint, model, status, t0, head, n_tokens, rows)
+                try:
+                    while True:
+                        try:
+                            deltas = await asyncio.wait_for(gen.__anext__(), self._deadline_left(t0))
+                        except StopAsyncIteration:
+                            break
+                        except asyncio.TimeoutError:
+                            gen.cancel()
+                            raise self._timed_out() from None
+                        for d in deltas:
+                            n_tokens += len(d.token_ids)
+                            rows = max(rows, d.batch_rows)
+                            yield chunk([self._choice_json(d, job.logprobs)])
+                    if include_usage:
+                        yield chunk([], usage_json(head.prompt_tokens, n_tokens))
+                except ApiError as e:  # headers are sent: report in-band, as OpenAI does
+                    status = e.status
+                    yield sse(e.body())
+                except Exception as e:  # noqa: BLE001 - a dead replica mid-stream: tell the client, keep serving
+                    status = 500
+                    yield sse(ApiError(500, f"stream interrupted: {type(e).__name__}", type="server_error").body())
+                yield sse("[DONE]")
+                finished = True
+                self._observe(endpoint, model, status, t0, head, n_tokens, rows)
+            finally:  # also when the client went away mid-stream (the generator is closed or cancelled)
+                self._close_stream(who)
+                if not finished:
+                    gen.cancel()  # free the model replica's side of the stream now, not at max_tokens
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
@@ -465,6 +520,11 @@ class IngressServer:
 
     def _model_json(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "raygpt"}
+
+    @api.get("/openapi.json")
+    async def openapi(self) -> Response:
+        """The OpenAPI description of the endpoints above (unauthenticated: it holds no data)."""
+        return JSONResponse(openapi_spec())
 
     @api.get("/healthz")
     async def healthz(self) -> Response:
