@@ -6,29 +6,30 @@ Corpus sources (`load_documents(source)`):
   its text is the spoken lines only (speaker names, headings and stage directions dropped), one speech per
   paragraph.
 - `"pydoc"` — the standard library's `pydoc_data.topics` (≈455 KiB): one document per topic, `pydoc/<topic>`.
-- a path, directory or glob (comma-separated for several) of `.txt` files (one document per file; files over
-  `MAX_DOC_CHARS` are cut at paragraph breaks into parts `path#N` so a single big file still splits) or `.parquet`
-  files with a string column `text` (one document per row, `path#row`).
+- paths, directories, globs or pyarrow filesystem URIs (comma-separated) of `.txt` files (one document per file;
+  files over `MAX_DOC_CHARS` are cut at paragraph breaks into parts `path#N` so a single big file still splits),
+  `.jsonl` files (one document per line's `text` field, `path#line`) or `.parquet` files with a string column
+  `text` (one document per row, `path#row`). Listing and streaming readers: jobs/data/sources.py.
 
 Held-in / held-out: `split_documents` assigns whole documents to `validation` (held-out) by a stable hash of
 their name — the ⌈fraction·n⌉ documents with the smallest SHA-256 of the name — so the split never depends on
-the order files were listed, machine or Python's hash seed. `prepare` and the RLHF prompt set (`verse_lines`)
-use the same function, so RLHF prompts from the held-in split were seen in pretraining and held-out ones were not.
+the order files were listed, machine or Python's hash seed. `HoldOut` states the same rule as a threshold on the
+hash, which `raygpt prepare` computes from the names alone before streaming the corpus. `prepare` and the RLHF
+prompt set (`verse_lines`) use the same rule, so RLHF prompts from the held-in split were seen in pretraining and
+held-out ones were not.
 """
 
 from __future__ import annotations
 
-import glob as _glob
 import hashlib
 import importlib.util
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import numpy as np
 
 from models.config import ConfigError
 
@@ -105,62 +106,9 @@ def _pydoc() -> list[Document]:
     return [Document(f"pydoc/{k}", topics[k]) for k in sorted(topics)]
 
 
-def _split_long(name: str, text: str) -> list[Document]:
-    if len(text) <= MAX_DOC_CHARS:
-        return [Document(name, text)]
-    parts, start = [], 0
-    while start < len(text):
-        end = min(len(text), start + MAX_DOC_CHARS)
-        if end < len(text):
-            cut = text.rfind("\n\n", start + MAX_DOC_CHARS // 2, end)
-            end = cut + 2 if cut >= 0 else end
-        parts.append(text[start:end])
-        start = end
-    return [Document(f"{name}#{i}", t) for i, t in enumerate(parts)]
-
-
-def _files(source: str) -> list[Document]:
-    paths: list[Path] = []
-    for pattern in (s.strip() for s in source.split(",")):
-        if not pattern:
-            continue
-        p = Path(pattern)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix in {".txt", ".parquet"} and q.is_file())
-        else:
-            found = sorted(Path(q) for q in _glob.glob(pattern, recursive=True) if Path(q).is_file())
-        if not found:
-            raise DataError(f"corpus {pattern!r}: no file matches (expected 'shakespeare', 'pydoc', or "
-                            "paths/globs of .txt or .parquet files)")
-        paths.extend(found)
-    docs: list[Document] = []
-    for p in paths:
-        if p.suffix == ".parquet":
-            docs.extend(_parquet_docs(p))
-        else:
-            try:
-                text = p.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{p}: not UTF-8 text ({e})") from None
-            docs.extend(_split_long(str(p), text))
-    return docs
-
-
-def _parquet_docs(p: Path) -> list[Document]:
-    try:
-        schema = pq.read_schema(p)
-    except Exception as e:  # pyarrow raises ArrowInvalid/OSError variants
-        raise DataError(f"{p}: not a readable Parquet file ({e})") from None
-    if "text" not in schema.names:
-        raise DataError(f"{p}: Parquet file has no column 'text' (columns: {', '.join(schema.names)})")
-    if not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
-        raise DataError(f"{p}: column 'text' must be a string column, is {schema.field('text').type}")
-    texts = pq.read_table(p, columns=["text"]).column("text").to_pylist()
-    return [Document(f"{p}#{i}", t) for i, t in enumerate(texts) if t]
-
-
-def load_documents(source: str) -> list[Document]:
-    """The corpus `source` as named documents (see the module docstring). Empty documents are dropped.
+def load_documents(source: str, text_field: str = "text") -> list[Document]:
+    """The corpus `source` as named documents, in memory (see the module docstring; files are read by
+    jobs/data/sources.py, the same readers `raygpt prepare` streams). Empty documents are dropped.
 
     Raises DataError on an unknown/empty source or a missing/malformed file, naming it."""
     if source == "shakespeare":
@@ -168,13 +116,16 @@ def load_documents(source: str) -> list[Document]:
     elif source == "pydoc":
         docs = _pydoc()
     else:
-        docs = _files(source)
+        from jobs.data.sources import list_inputs, read_documents
+
+        docs = [d for f in list_inputs(source) for d in read_documents(f, text_field)]
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise DataError(f"corpus {source!r}: empty (no non-empty documents)")
     names = [d.name for d in docs]
     if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
+        seen: set[str] = set()
+        dup = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
         raise DataError(f"corpus {source!r}: document {dup!r} listed twice")
     return docs
 
@@ -189,14 +140,65 @@ def split_documents(docs: Sequence[Document], validation_fraction: float = DEFAU
     """Deterministic document-level split: {"train": held-in, "validation": held-out}, input order kept.
 
     The ⌈fraction·n⌉ documents with the smallest SHA-256(name) are held out (at least one if the fraction is > 0,
-    never all of them)."""
-    if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction: must be in [0, 1), got {validation_fraction}")
-    n_val = 0 if validation_fraction == 0 else min(len(docs) - 1, math.ceil(validation_fraction * len(docs)))
-    ranked = sorted(docs, key=lambda d: hashlib.sha256(d.name.encode()).hexdigest())
-    held_out = {d.name for d in ranked[:n_val]}
-    return {"train": [d for d in docs if d.name not in held_out],
-            "validation": [d for d in docs if d.name in held_out]}
+    never all of them); see `HoldOut`."""
+    rule = HoldOut.from_keys(np.array([name_key(d.name) for d in docs], dtype=np.uint64), validation_fraction,
+                             lambda keys: [d.name for d in docs if name_key(d.name) in keys])
+    held = [rule.held_out(d.name) for d in docs]
+    return {"train": [d for d, h in zip(docs, held) if not h], "validation": [d for d, h in zip(docs, held) if h]}
+
+
+def name_key(name: str) -> int:
+    """The first 8 bytes of SHA-256(name) as an unsigned integer: orders names as their hex digests do
+    (up to ties in those 8 bytes, which `HoldOut` resolves with the full digest)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+
+
+@dataclass(frozen=True)
+class HoldOut:
+    """The held-out rule as a threshold on the name hash, so a corpus can be split without ranking its names.
+
+    The rule is: hold out the k = ⌈fraction·n⌉ (≥ 1 if fraction > 0, ≤ n − 1) documents with the smallest
+    SHA-256(name). With K = the k-th smallest `name_key`, a document is held out iff its key < K, or key == K and
+    its full digest ≤ `tie_digest` (None when K is unique: then key ≤ K). Building the rule needs only the n
+    8-byte keys (one cheap pass over names; `raygpt prepare` collects them from Ray tasks) plus, in the rare case
+    of equal keys, the names having them (`names_with(keys)`), which also catches a document listed twice.
+    """
+
+    key: int | None  # None: nothing held out
+    tie_digest: bytes | None = None
+
+    @classmethod
+    def from_keys(cls, keys: np.ndarray, fraction: float, names_with: Callable[[set[int]], list[str]]) -> HoldOut:
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"validation_fraction: must be in [0, 1), got {fraction}")
+        n = len(keys)
+        k = 0 if fraction == 0 else min(n - 1, math.ceil(fraction * n))
+        srt = np.sort(np.asarray(keys, dtype=np.uint64))
+        repeated = {int(x) for x in srt[1:][srt[1:] == srt[:-1]]}
+        names = names_with(repeated) if repeated else []
+        if len(set(names)) != len(names):
+            seen: set[str] = set()
+            dup = next(x for x in names if x in seen or seen.add(x))  # type: ignore[func-returns-value]
+            raise DataError(f"document {dup!r} listed twice")
+        if k <= 0:
+            return cls(None)
+        kth = int(srt[k - 1])
+        if kth not in repeated:
+            return cls(kth)
+        need = k - int(np.searchsorted(srt, np.uint64(kth), side="left"))  # how many of the tied keys are held out
+        tied = sorted(hashlib.sha256(x.encode()).digest() for x in names if name_key(x) == kth)
+        return cls(kth, tied[need - 1])
+
+    def held_out(self, name: str) -> bool:
+        if self.key is None:
+            return False
+        key = name_key(name)
+        if key != self.key or self.tie_digest is None:
+            return key <= self.key
+        return hashlib.sha256(name.encode()).digest() <= self.tie_digest
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "tie_digest": self.tie_digest.hex() if self.tie_digest else None}
 
 
 def verse_lines(source: str = "shakespeare", split: str = "train",

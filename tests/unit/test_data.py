@@ -100,7 +100,8 @@ def test_blocks_deterministic_and_resumable(dataset: tuple[Path, dict]) -> None:
     # one epoch visits every block start exactly once; a block is a window of the token stream
     starts = [ds.block_start(p) for p in range(n)]
     assert sorted(starts) == list(range(0, n * 64, 64)) and starts != sorted(starts)  # a permutation, shuffled
-    assert all(np.array_equal(ds.block(p), ds.tokens[s:s + 65]) for p, s in enumerate(starts))
+    tokens = ds.tokens
+    assert all(np.array_equal(ds.block(p), tokens[s:s + 65]) for p, s in enumerate(starts))
     run = [ds.batch_at(s, 8) for s in range(2 * n // 8 + 3)]  # crosses an epoch boundary
     assert all(b.shape == (8, 65) and b.dtype == np.int32 for b in run)
     resumed = TokenDataset(out, "train", block_size=64, seed=3)  # fresh process state
