@@ -46,6 +46,7 @@ class ScalingConfig:
     target_ongoing_requests: float = field(16.0, help="autoscaling target of in-flight requests per replica")
     upscale_delay_s: float = field(3.0, help="load must stay high this long before adding a replica")
     downscale_delay_s: float = field(30.0, help="load must stay low this long before removing a replica")
+    look_back_period_s: float = field(30.0, help="window over which Serve averages in-flight requests to decide")
     max_ongoing_requests: int = field(0, help="in-flight requests per model replica (0 = 2 × max_batch_size)")
     num_cpus: float = field(1.0, help="CPUs reserved per model replica")
     num_gpus: float = field(0.0, help="GPUs per model replica")
@@ -153,7 +154,8 @@ def build_app(cfg: ServeConfig) -> Any:
             "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
             "initial_replicas": s.initial_replicas if s.initial_replicas is not None else max(1, s.min_replicas),
             "target_ongoing_requests": s.target_ongoing_requests,
-            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s}}
+            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s,
+            "look_back_period_s": s.look_back_period_s}}
     else:
         scaling = {"num_replicas": s.max_replicas}
     ongoing = s.max_ongoing_requests or 2 * cfg.batching.max_batch_size
