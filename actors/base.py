@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -80,13 +80,16 @@ class WeightsMessage:
 
 
 def sample_rollout(model: GPT, prompts: Sequence[Sequence[int]], row_index: Sequence[int], seeds: Sequence[int],
-                   sampling: SamplingParams, eos_id: int, version: int, checksum: str) -> Rollout:
-    """Sample one response per prompt with per-row seeds (a row's sample depends only on its seed and the weights,
-    not on its batch-mates or shard) and record it as a Rollout."""
-    if not (len(prompts) == len(row_index) == len(seeds)):
-        raise ValueError(f"prompts/row_index/seeds: lengths {len(prompts)}/{len(row_index)}/{len(seeds)} differ")
+                   sampling: SamplingParams, eos_id: int, version: int, checksum: str, n: int = 1) -> Rollout:
+    """Sample `n` responses per prompt with per-row seeds (a row's sample depends only on its seed and the weights,
+    not on its batch-mates, shard or prefix sharing) and record them as a Rollout: rows i·n .. i·n + n − 1 are
+    prompt i's group (the layout of the group estimators, models/advantages.py), and the sampler prefills each
+    prompt once for its n samples. row_index and seeds have one entry per row (len(prompts)·n)."""
+    if not (len(prompts) * n == len(row_index) == len(seeds)) or n < 1:
+        raise ValueError(f"prompts/row_index/seeds: {len(prompts)} prompts × n={n} samples need as many row "
+                         f"indices and seeds, got {len(row_index)}/{len(seeds)}")
     gen = generate(model, [list(p) for p in prompts], sampling, eos_id=eos_id, seeds=[int(s) for s in seeds],
-                   pad_id=eos_id)
+                   pad_id=eos_id, n=n)
     mask = gen.response_mask.long()
     return Rollout(
         prompt_ids=gen.sequences[:, :gen.prompt_len].long(),
@@ -117,6 +120,7 @@ class ScoreMeta:
 
     rows: int
     mean: float
+    components: dict[str, float] = field(default_factory=dict)  # reward role: mean of each reward component
 
 
 def score_meta(scores: Tensor, mask: Tensor | None = None) -> ScoreMeta:

@@ -23,10 +23,14 @@ Snapshot = tuple[str, str] | None  # (directory, tag) of a saved engine state
 
 
 class PromptShard:
-    """Prompts for one generator replica: token lists, their global row indices and per-row seeds."""
+    """Prompts for one generator replica: token lists, and per row (n rows per prompt: its group of samples,
+    prompt i's rows i·n .. i·n + n − 1) the global row index and seed."""
 
-    def __init__(self, prompts: list[list[int]], row_index: list[int], seeds: list[int]) -> None:
-        self.prompts, self.row_index, self.seeds = prompts, row_index, seeds
+    def __init__(self, prompts: list[list[int]], row_index: list[int], seeds: list[int], n: int = 1) -> None:
+        if len(prompts) * n != len(row_index) or len(row_index) != len(seeds):
+            raise ValueError(f"PromptShard: {len(prompts)} prompts × n={n} need as many row indices and seeds, "
+                             f"got {len(row_index)}/{len(seeds)}")
+        self.prompts, self.row_index, self.seeds, self.n = prompts, row_index, seeds, n
 
 
 class PolicyGroup(WorkerGroup[PolicyWorker]):
@@ -38,11 +42,12 @@ class PolicyGroup(WorkerGroup[PolicyWorker]):
 
     def generate(self, shards: Sequence[PromptShard]) -> list[tuple[Ref, Ref]]:
         """[(meta_ref, rollout_ref)] per shard."""
-        return [tuple(a.generate.options(num_returns=2).remote(s.prompts, s.row_index, s.seeds))
+        return [tuple(a.generate.options(num_returns=2).remote(s.prompts, s.row_index, s.seeds, s.n))
                 for a, s in self.assign(shards)]
 
-    def update(self, rollouts: Sequence[Ref], ptx: Sequence[Ref | None], iteration: int) -> list[Ref]:
-        return [a.update.remote(r, p, iteration) for (a, r), p in zip(self.assign(rollouts), ptx)]
+    def update(self, rollouts: Sequence[Ref], ptx: Sequence[Ref | None], iteration: int, kl_coef: float = 0.0
+               ) -> list[Ref]:
+        return [a.update.remote(r, p, iteration, kl_coef) for (a, r), p in zip(self.assign(rollouts), ptx)]
 
     def save(self, directory: str, tag: str) -> list[Ref]:
         return [a.save.remote(directory, tag) for a in self.actors]
@@ -65,7 +70,7 @@ class RolloutGroup(WorkerGroup[RolloutWorker]):
         return [a.load_weights.remote(message) for a in self.actors]
 
     def generate(self, shards: Sequence[PromptShard]) -> list[tuple[Ref, Ref]]:
-        return [tuple(a.generate.options(num_returns=2).remote(s.prompts, s.row_index, s.seeds))
+        return [tuple(a.generate.options(num_returns=2).remote(s.prompts, s.row_index, s.seeds, s.n))
                 for a, s in self.assign(shards)]
 
 

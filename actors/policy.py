@@ -55,6 +55,14 @@ class PPOUpdateSpec:
     clip_eps: float = 0.2  # ε of the clipped surrogate
     ptx_coef: float = 0.0  # γ of PPO-ptx (0 = plain PPO)
     seed: int = 0
+    # Loss variants (models/losses.py `policy_loss`; docs/ALGORITHMS.md): DAPO's clip-higher, the aggregation
+    # (token-mean: PPO, DAPO, RLOO, REINFORCE++; seq-mean-token-mean: GRPO; seq-mean-token-sum-norm: Dr. GRPO
+    # with max_response_len = the sampler's max_new_tokens) and the estimator of a KL loss term (GRPO: k3).
+    clip_low: float | None = None  # None = clip_eps
+    clip_high: float | None = None  # None = clip_eps
+    loss_agg: str = "token-mean"
+    max_response_len: int | None = None
+    kl_estimator: str = "k3"
 
 
 @dataclass(frozen=True)
@@ -122,24 +130,27 @@ class PolicyWorker(DistributedWorker):
         return WeightsMessage(self.version, weights_checksum(arrays), arrays)
 
     # --- PPO --------------------------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], row_index: list[int], seeds: list[int]
+    def generate(self, prompts: list[list[int]], row_index: list[int], seeds: list[int], n: int = 1
                  ) -> tuple[RolloutMeta, Rollout]:
-        """Sample a rollout shard with the current weights (call with num_returns=2: the meta is fetched by the
-        controller, the rollout stays in the object store)."""
+        """Sample a rollout shard with the current weights, `n` samples per prompt (call with num_returns=2: the
+        meta is fetched by the controller, the rollout stays in the object store)."""
         if self.engine.zero_optimization_stage() == 3:
             raise RolloutError("policy.zero_stage: 3 partitions the weights; sample with rollout workers instead")
         model = self.engine.module
         model.eval()
         checksum = weights_checksum(full_state_dict(self.engine))
         rollout = sample_rollout(model, prompts, row_index, seeds, self.spec.sampling, self.spec.eos_id, self.version,
-                                 checksum)
+                                 checksum, n=n)
         self.fault_point()
         return meta_of(rollout), rollout
 
-    def update(self, rollout: Rollout, ptx: np.ndarray | None, iteration: int) -> UpdateResult:
+    def update(self, rollout: Rollout, ptx: np.ndarray | None, iteration: int, kl_coef: float = 0.0
+               ) -> UpdateResult:
         """Collective: `epochs` passes of clipped-surrogate minibatch steps (+ γ·LM loss on ptx[step]).
 
         rollout: this rank's shard, with advantages. ptx: (steps, rows, block+1) int token blocks or None.
+        kl_coef: β of KL(π‖π_ref) as a loss term (GRPO; needs the rollout's ref_logprobs), 0 = none (KL in the
+        reward instead).
         """
         spec, eng, dev = self.spec.update, self.engine, device()
         if rollout.advantages is None:
@@ -160,13 +171,19 @@ class PolicyWorker(DistributedWorker):
                 mask = part.action_mask.to(dev)
                 logits = response_logits(eng, part)
                 logprobs = response_logprobs(logits, part, temperature)
+                ref = part.ref_logprobs.to(dev) if kl_coef and part.ref_logprobs is not None else None
                 loss, m = policy_loss(logprobs, part.old_logprobs.to(dev), part.advantages.to(dev), mask,
-                                      spec.clip_eps)
+                                      spec.clip_eps, clip_low=spec.clip_low, clip_high=spec.clip_high,
+                                      loss_agg=spec.loss_agg, max_response_len=spec.max_response_len,  # type: ignore[arg-type]
+                                      kl_coef=kl_coef, ref_logprobs=ref, kl_estimator=spec.kl_estimator)  # type: ignore[arg-type]
                 with torch.no_grad():
                     entropy = entropy_from_logits(tempered(logits.float(), temperature))
                     sums["entropy"] += float(masked_mean(entropy, mask))
                 sums["pg_loss"] += float(loss.detach())
-                loss = loss * global_token_scale(mask)  # token mean over all ranks' minibatch rows, not per rank
+                if spec.loss_agg == "token-mean":  # token mean over all ranks' minibatch rows, not per rank
+                    loss = loss * global_token_scale(mask)
+                # The sequence means need nothing: every rank holds the same number of rows, so DeepSpeed's
+                # gradient average is the global mean (docs/ALGORITHMS.md, data-parallel note).
                 if ptx is not None and spec.ptx_coef > 0:
                     block = torch.tensor(ptx[step], dtype=torch.long, device=dev)
                     ptx_loss = lm_loss(eng(block[:, :-1]), block[:, 1:])
@@ -175,8 +192,9 @@ class PolicyWorker(DistributedWorker):
                 eng.backward(loss)
                 eng.step()
                 self.fault_point()  # after a step: a crash here leaves half-updated weights behind
-                for name in ("clipfrac", "approx_kl", "ratio"):
-                    sums[name] += float(m[name])
+                for name in ("clipfrac", "clipfrac_low", "clipfrac_high", "approx_kl", "ratio", "kl"):
+                    if name in m:
+                        sums[name if name != "kl" else "kl_loss_term"] += float(m[name])
                 norm = eng.get_global_grad_norm()
                 if norm is not None:
                     sums["grad_norm"] += float(norm)

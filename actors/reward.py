@@ -35,17 +35,46 @@ class RewardError(ValueError):
 
 
 @dataclass(frozen=True)
-class RewardSpec:
+class RewardComponent:
+    """One term of the composed reward: a reward model or a `module:callable` rule/verifier, with its weight."""
+
+    name: str  # key of its mean score in metrics.jsonl (`reward/<name>`)
     checkpoint: str | None = None  # reward-model checkpoint directory, or
     function: str | None = None  # "module:callable" user reward on decoded text
-    tokenizer: str | None = None  # tokenizer.json to decode with (required by `function`)
-    eos_id: int = 0  # the token that closes a response (`reward_inputs`)
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.function is None):
+            raise RewardError(f"reward.{self.name}: give exactly one of checkpoint and function")
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """The sequence reward r(x, y) = Σ_i w_i·r_i(x, y) over `components`; `checkpoint` / `function` alone are the
+    one-component shorthand (weight 1)."""
+
+    checkpoint: str | None = None  # reward-model checkpoint directory, or
+    function: str | None = None  # "module:callable" user reward on decoded text
+    tokenizer: str | None = None  # tokenizer.json to decode with (required by a function)
+    eos_id: int = 0  # the token that closes a response (`reward_inputs`)
+    components: tuple[RewardComponent, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.components and (self.checkpoint is not None or self.function is not None):
+            raise RewardError("reward: give components, or one of reward.checkpoint and reward.function")
+        if not self.components and (self.checkpoint is None) == (self.function is None):
             raise RewardError("reward: give exactly one of reward.checkpoint and reward.function")
-        if self.function is not None and self.tokenizer is None:
+        names = [c.name for c in self.parts()]
+        if len(set(names)) != len(names):
+            raise RewardError(f"reward.components: names must be unique, got {names}")
+        if any(c.function is not None for c in self.parts()) and self.tokenizer is None:
             raise RewardError("reward.function: a user reward needs a tokenizer to decode responses")
+
+    def parts(self) -> tuple[RewardComponent, ...]:
+        if self.components:
+            return self.components
+        name = "rm" if self.checkpoint is not None else "function"
+        return (RewardComponent(name, self.checkpoint, self.function, 1.0),)
 
 
 def import_function(path: str, field_name: str = "reward.function",
@@ -125,42 +154,71 @@ def decode_rollout(rollout: Rollout, decode: Callable[[list[int]], str], eos_id:
 
 
 class RewardWorker(DistributedWorker):
-    """r(x, y) for each row. Plain class; jobs/ppo.py wires it with `ray.remote`."""
+    """r(x, y) for each row: the weighted sum of the spec's components (reward models and user functions).
+    Plain class; jobs/ppo.py wires it with `ray.remote`."""
 
     role = "reward"
 
     def __init__(self, spec: RewardSpec, rank: int = 0, world_size: int = 1) -> None:
         self.spec, self.rank, self.world_size = spec, rank, world_size
         self.eos_id = spec.eos_id
-        self.model = None
-        self.function: RewardFunction | None = None
-        if spec.checkpoint is not None:
-            self.model = load_model(spec.checkpoint, "reward").eval().requires_grad_(False)
-        else:
+        self.parts = spec.parts()
+        # One loaded scorer per component, in order: a model (nn.Module) or a function.
+        self.scorers: list[nn.Module | RewardFunction] = []
+        self.tokenizer = None
+        for part in self.parts:
+            if part.checkpoint is not None:
+                self.scorers.append(load_model(part.checkpoint, "reward").eval().requires_grad_(False))
+            else:
+                self.scorers.append(import_function(part.function or "", f"reward.{part.name}.function"))
+        if any(p.function is not None for p in self.parts):
             from models.tokenizer import Tokenizer
 
-            self.function = import_function(spec.function or "")
-            self.tokenizer = Tokenizer.from_file(spec.tokenizer or "")
+            self.tokenizer = Tokenizer.from_file(self.spec.tokenizer or "")
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The reward model of a one-model spec (what `scores` runs), else None."""
+        return self.scorers[0] if len(self.scorers) == 1 and isinstance(self.scorers[0], nn.Module) else None
 
     def score(self, rollout: Rollout) -> tuple[ScoreMeta, Tensor]:
-        """(meta, (B,) float32 sequence rewards on CPU)."""
-        scores = self.scores(rollout)
+        """(meta with per-component means, (B,) float32 composed sequence rewards on CPU)."""
+        parts = self.component_scores(rollout)
+        scores = self.compose(parts)
         self.fault_point()
-        return score_meta(scores), scores
+        meta = score_meta(scores)
+        means = {name: float(v.mean()) for name, v in parts.items()}
+        return ScoreMeta(meta.rows, meta.mean, means), scores
+
+    def compose(self, parts: dict[str, Tensor]) -> Tensor:
+        """Σ_i w_i·r_i: (B,) per component → (B,)."""
+        return sum((p.weight * parts[p.name] for p in self.parts), torch.zeros_like(next(iter(parts.values()))))
 
     @torch.no_grad()
     def scores(self, rollout: Rollout) -> Tensor:
-        """(B,) float32 sequence rewards (CPU)."""
-        if self.model is not None:
-            dev = device()
-            ids, mask = reward_inputs(rollout.input_ids, rollout.attention_mask, self.eos_id)
-            return self.model(ids.to(dev), mask.to(dev)).float().cpu()
-        prompts, responses = decode_rollout(rollout, self.tokenizer.decode, self.tokenizer.eos_id)
-        out = self.function(prompts, responses)  # type: ignore[misc]
-        scores = torch.as_tensor([float(x) for x in out], dtype=torch.float32)
-        if scores.shape != (rollout.batch_size,):
-            raise RewardError(f"reward.function: returned {scores.numel()} scores for {rollout.batch_size} rows")
-        if not bool(torch.isfinite(scores).all()):
-            raise RewardError(f"reward.function: returned a non-finite score at row "
-                              f"{int((~torch.isfinite(scores)).nonzero()[0])}")
-        return scores
+        """(B,) float32 composed sequence rewards (CPU)."""
+        return self.compose(self.component_scores(rollout))
+
+    @torch.no_grad()
+    def component_scores(self, rollout: Rollout) -> dict[str, Tensor]:
+        """name → (B,) float32 score of each component (CPU), unweighted."""
+        out: dict[str, Tensor] = {}
+        texts: tuple[list[str], list[str]] | None = None
+        for part, scorer in zip(self.parts, self.scorers):
+            if isinstance(scorer, nn.Module):
+                dev = device()
+                ids, mask = reward_inputs(rollout.input_ids, rollout.attention_mask, self.eos_id)
+                out[part.name] = scorer(ids.to(dev), mask.to(dev)).float().cpu()
+                continue
+            if texts is None:
+                assert self.tokenizer is not None
+                texts = decode_rollout(rollout, self.tokenizer.decode, self.tokenizer.eos_id)
+            scores = torch.as_tensor([float(x) for x in scorer(*texts)], dtype=torch.float32)
+            where = f"reward.{part.name}.function"
+            if scores.shape != (rollout.batch_size,):
+                raise RewardError(f"{where}: returned {scores.numel()} scores for {rollout.batch_size} rows")
+            if not bool(torch.isfinite(scores).all()):
+                raise RewardError(f"{where}: returned a non-finite score at row "
+                                  f"{int((~torch.isfinite(scores)).nonzero()[0])}")
+            out[part.name] = scores
+        return out

@@ -9,7 +9,8 @@ Life of a rollout (jobs/ppo.py):
   generate  → prompt_ids, prompt_mask, response_ids, action_mask, old_logprobs, row_index, weight_version/checksum
   score     → ref_logprobs (reference), scores (reward), values (value) — computed in parallel, each returned as
               its own small object, never written back into the shared rollout object
-  finalize  → kl, rewards, advantages, returns (`finalize`, from models/advantages.py), over the WHOLE batch
+  finalize  → kl, rewards, advantages, returns (`finalize`, the estimator named by the algorithm in
+              models/advantages.py: GAE, GRPO, RLOO, REINFORCE++), over the WHOLE batch
               (whitening statistics must not depend on how the batch was sharded), then split per trainer rank
   update    → each policy/value rank receives only its shard: slicing happens before `ray.put`, as in OpenRLHF.
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.advantages import gae, kl_k1, kl_penalty, per_token_rewards, whiten
+from models.advantages import AdvantageInputs, compute_advantages, kl_k1, kl_penalty, whiten
 from models.masked import masked_mean, masked_var
 
 TENSOR_FIELDS = ("prompt_ids", "prompt_mask", "response_ids", "action_mask", "old_logprobs", "row_index",
@@ -166,45 +167,57 @@ def _rebuild(arrays: dict[str, np.ndarray], version: int, checksum: str) -> Roll
 
 # --- finalize: rewards and advantages over the whole batch -----------------------------------------------------
 def finalize(shards: Sequence[Rollout], ref_logprobs: Sequence[Tensor], scores: Sequence[Tensor],
-             values: Sequence[Tensor], *, beta: float, kl_estimator: str, gamma: float, lam: float,
-             whiten_advantages: bool, splits: Sequence[int]) -> tuple[dict[str, float], list[list[Rollout]]]:
-    """Assemble the scored batch and compute per-token rewards, GAE advantages and returns (models/advantages.py).
+             values: Sequence[Tensor] | None, *, beta: float, kl_estimator: str, gamma: float, lam: float,
+             whiten_advantages: bool, splits: Sequence[int], estimator: str = "gae", group_size: int = 1,
+             scale: str = "group", kl_in_reward: bool = True) -> tuple[dict[str, float], list[list[Rollout]]]:
+    """Assemble the scored batch and compute per-token rewards, advantages and returns with the estimator named
+    `estimator` ("gae" | "grpo" | "rloo" | "reinforce_pp"; models/advantages.py `compute_advantages`).
 
-    shards[i] comes with ref_logprobs[i] (B_i, T_i), scores[i] (B_i,) and values[i] (B_i, T_i). The batch is put
-    back in global row order, so the result does not depend on how generation was sharded. Returns
-    (stats, outputs) where outputs[j] is the batch split into `splits[j]` shards (one list per trainer group;
-    each shard is then a separate object in the store).
+    shards[i] comes with ref_logprobs[i] (B_i, T_i), scores[i] (B_i,) and values[i] (B_i, T_i) (values None for
+    the critic-free estimators). The batch is put back in global row order, so the result does not depend on how
+    generation was sharded, and rows [g·G, (g+1)·G) are prompt g's group (G = group_size). kl_in_reward: −β·KL_t
+    in the per-token reward (InstructGPT; PPO, RLOO, REINFORCE++); False = KL is a loss term instead (GRPO), the
+    reward is the score alone. Returns (stats, outputs) where outputs[j] is the batch split into `splits[j]`
+    shards (one list per trainer group; each shard is then a separate object in the store).
 
     stats: batch means as Python floats — "kl" (Σ_t k1 per sequence, what the adaptive controller steers),
-    "kl_penalty" (Σ_t of the configured estimator), "proxy_reward" (scores), "non_score_reward" (Σ_t −β·kl),
-    "response_len", "advantage_mean/std" (before whitening), "return_mean", "value_mean".
+    "kl_penalty" (Σ_t of the configured estimator), "proxy_reward" (scores), "non_score_reward" (Σ_t −β·kl in
+    the reward), "response_len", "advantage_mean/std" (before whitening), and "return_mean", "value_mean" where
+    the estimator has them.
     """
+    if values is None:
+        values = [None] * len(shards)  # type: ignore[list-item]
     if not (len(shards) == len(ref_logprobs) == len(scores) == len(values)):
         raise RolloutError(f"finalize: {len(shards)} shards but {len(ref_logprobs)} ref_logprobs, {len(scores)} "
                            f"scores, {len(values)} values")
-    scored = [s.replace(ref_logprobs=r.float(), scores=c.float(), values=v.float())
+    scored = [s.replace(ref_logprobs=r.float(), scores=c.float(), values=None if v is None else v.float())
               for s, r, c, v in zip(shards, ref_logprobs, scores, values)]
     batch = Rollout.concat(scored)
     batch = batch.select(torch.argsort(batch.row_index)).validate()
     mask = batch.action_mask
     kl = kl_penalty(batch.old_logprobs, batch.ref_logprobs, kl_estimator)  # type: ignore[arg-type]
     kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
-    rewards = per_token_rewards(batch.scores, kl, mask, beta)
-    advantages, returns = gae(rewards, batch.values, mask, gamma, lam)
-    raw_adv = advantages
-    if whiten_advantages:
-        advantages = whiten(advantages, mask)
-    batch = batch.replace(kl=kl, rewards=rewards, advantages=advantages, returns=returns)
+    in_reward = beta if kl_in_reward else 0.0
+    result = compute_advantages(estimator, AdvantageInputs(
+        scores=batch.scores, mask=mask, kl=kl if kl_in_reward else None, kl_coef=in_reward,  # type: ignore[arg-type]
+        values=batch.values, gamma=gamma, lam=lam, whiten_advantages=False, group_size=group_size,
+        scale=scale))  # type: ignore[arg-type]
+    raw_adv = advantages = result.advantages
+    if estimator == "gae" and whiten_advantages:  # PPO's batch normalisation (the other estimators normalise
+        advantages = whiten(advantages, mask)     # in their own formula, or not at all)
+    batch = batch.replace(kl=kl, rewards=result.rewards, advantages=advantages, returns=result.returns)
     k1 = torch.where(mask.bool(), kl_k1(batch.old_logprobs, batch.ref_logprobs), torch.zeros_like(kl))
     stats = {
         "kl": float(k1.sum(1).mean()),
         "kl_penalty": float(kl.sum(1).mean()),
         "proxy_reward": float(batch.scores.mean()),
-        "non_score_reward": float((-beta * kl).sum(1).mean()),
+        "non_score_reward": float((-in_reward * kl).sum(1).mean()),
         "response_len": float(mask.sum(1).float().mean()),
         "advantage_mean": float(masked_mean(raw_adv, mask)),
         "advantage_std": float(masked_var(raw_adv, mask).sqrt()),
-        "return_mean": float(masked_mean(returns, mask)),
-        "value_mean": float(masked_mean(batch.values, mask)),
     }
+    if result.returns is not None:
+        stats["return_mean"] = float(masked_mean(result.returns, mask))
+    if batch.values is not None:
+        stats["value_mean"] = float(masked_mean(batch.values, mask))
     return stats, [batch.split(n) for n in splits]

@@ -61,11 +61,12 @@ class RolloutWorker(DistributedWorker):
         return self.version, self.checksum
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], row_index: list[int], seeds: list[int]
+    def generate(self, prompts: list[list[int]], row_index: list[int], seeds: list[int], n: int = 1
                  ) -> tuple[RolloutMeta, Rollout]:
+        """`n` samples per prompt (prefill shared), one row per (prompt, sample): see `sample_rollout`."""
         if self.version < 0:
             raise RolloutError("weight_version: the rollout worker has no weights yet (load_weights first)")
         rollout = sample_rollout(self.model, prompts, row_index, seeds, self.spec.sampling, self.spec.eos_id,
-                                 self.version, self.checksum)
+                                 self.version, self.checksum, n=n)
         self.fault_point()
         return meta_of(rollout), rollout

@@ -117,15 +117,19 @@ class PlacementConfig:
     `disaggregated`: one pool per role; `custom`: `pools` and `roles` as given."""
 
     layout: Layout = field("colocated", "colocated | disaggregated | custom")
-    replicas: dict[str, int] = field(dict(DEFAULT_REPLICAS), "replicas per role; a role left out keeps its default "
-                                  "(rollout = separate generation workers; 0 = the policy generates)")
+    replicas: dict[str, int] = field({r: n for r, n in DEFAULT_REPLICAS.items() if r != "value"},
+                                     "replicas per role; a role left out keeps its default (the job's: value = 1 "
+                                     "for an algorithm with a critic, else 0; rollout = separate generation "
+                                     "workers, 0 = the policy generates)")
     cpus_per_worker: float = field(0.5, "CPUs each actor takes (colocated: a bundle holds one of each role)")
     gpus_per_worker: float = field(0.0, "GPUs each actor takes (colocated: the roles of a bundle share this)")
     pools: dict[str, PoolSpec] = field({}, "custom layout: pools by name")
     roles: dict[str, RoleSpec] = field({}, "custom layout: roles by name")
 
-    def check(self) -> PlacementSpec:
-        """Validate and resolve (raises PlacementError with the field path relative to the placement config)."""
+    def check(self, defaults: dict[str, int] | None = None) -> PlacementSpec:
+        """Validate and resolve (raises PlacementError with the field path relative to the placement config).
+        `defaults`: replicas of roles the config leaves out, overriding DEFAULT_REPLICAS (a job without a critic
+        passes {"value": 0})."""
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.cpus_per_worker + self.gpus_per_worker <= 0:
             raise PlacementError(f"cpus_per_worker/gpus_per_worker: must be >= 0 and not both 0, got "
                                  f"{self.cpus_per_worker}/{self.gpus_per_worker}")
@@ -134,14 +138,15 @@ class PlacementConfig:
                 raise PlacementError(f"replicas.{role}: unknown role (known: {', '.join(ROLES)})")
             if n < 0:
                 raise PlacementError(f"replicas.{role}: must be >= 0, got {n}")
-        return self.resolve()
+        return self.resolve(defaults)
 
-    def resolve(self) -> PlacementSpec:
+    def resolve(self, defaults: dict[str, int] | None = None) -> PlacementSpec:
         if self.layout == "custom":
             if not self.roles:
                 raise PlacementError("roles: the custom layout needs placement.roles (and placement.pools)")
             return PlacementSpec(dict(self.pools), dict(self.roles)).validate()
-        replicas = {r: self.replicas.get(r, DEFAULT_REPLICAS[r]) for r in ROLES}
+        fallback = {**DEFAULT_REPLICAS, **(defaults or {})}
+        replicas = {r: self.replicas.get(r, fallback[r]) for r in ROLES}
         if self.layout == "colocated":
             return colocated(replicas, self.cpus_per_worker, self.gpus_per_worker)
         return disaggregated(replicas, self.cpus_per_worker, self.gpus_per_worker)

@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("jobs.sft", "supervised fine-tuning on demonstrations"),
     "comparisons": ("jobs.comparisons", "sample K responses per prompt and have the labeler rank them"),
     "rm": ("jobs.rm", "train the K-wise reward model"),
+    "dpo": ("jobs.dpo", "DPO / IPO from the comparisons, against a frozen SFT reference"),
     "ppo": ("jobs.ppo", "PPO-ptx on Ray actors (policy, reference, reward, value)"),
     "eval": ("jobs.eval", "gold/proxy score, win rate, RM accuracy, perplexity"),
     "tune": ("jobs.tune", "Ray Tune (ASHA) sweep over a job's config fields"),

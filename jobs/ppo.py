@@ -33,10 +33,10 @@ def run(cfg: PPOJobConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             prompts = ctl.prompts(it)
             rollouts = ctl.generate(it, prompts)                          # [rollout shard ref]
-            ref_logprobs, scores, values = ctl.score(it, rollouts)        # reference | reward | value, in parallel
-            batch, stats = ctl.advantages(rollouts, ref_logprobs, scores, values)
-            update = ctl.update(it, batch, rollouts)                      # policy (PPO-ptx) | value, in parallel
-            ctl.kl.update(stats["kl"], cfg.batch_size)                    # adaptive β (Ziegler et al. §2.2)
+            ref_logprobs, scores, values = ctl.score(it, rollouts)        # reference | reward | value (PPO only)
+            batch, stats = ctl.advantages(rollouts, ref_logprobs, scores, values)   # GAE | GRPO | RLOO | REINFORCE++
+            update = ctl.update(it, batch, rollouts)                      # policy | value (PPO only), in parallel
+            ctl.kl.update(stats["kl"], cfg.rows)                          # adaptive β (Ziegler et al. §2.2)
             ctl.checkpoint(it)
             ctl.log(it, stats, update, time.perf_counter() - t0)
         return ctl.finish()

@@ -3,20 +3,25 @@ role specs built from it: each role receives only its own spec (actors/*.py), ne
 
 from __future__ import annotations
 
+import importlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from actors.policy import PolicySpec, PPOUpdateSpec
 from actors.reference import ReferenceSpec
-from actors.reward import RewardSpec
+from actors.reward import RewardComponent, RewardSpec
 from actors.rollout_worker import RolloutWorkerSpec
 from actors.value import ValueSpec
 from cluster.deepspeed_engine import EngineSpec
 from cluster.placement import PlacementConfig, PlacementError, PlacementSpec
 from jobs.config import ConfigError, field
 from jobs.data.tasks import TaskConfig
+from models.advantages import ADVANTAGE_ESTIMATORS, get_estimator
 from models.generation import SamplingParams
+
+DEFAULT_REWARD_MODEL = "runs/rm/checkpoint"
 
 
 @dataclass
@@ -47,6 +52,46 @@ class PPOConfig:
     grad_clip: float = field(1.0, help="gradient-norm clip (0 = off)")
     zero_stage: int = field(0, help="DeepSpeed ZeRO stage of policy and value (0-3; 3 needs rollout workers)")
     precision: Literal["auto", "fp32", "bf16"] = field("auto", help="auto = bf16 on GPU, fp32 on CPU")
+
+
+# algorithm → its advantage estimator (models/advantages.py ADVANTAGE_ESTIMATORS); docs/ALGORITHMS.md.
+ALGORITHMS: dict[str, str] = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp"}
+
+
+@dataclass
+class LossConfig:
+    """Variants of the one clipped policy loss (models/losses.py `policy_loss`). Dr. GRPO = grpo with
+    agg=seq-mean-token-sum-norm and group_scale=none; DAPO = grpo with agg=token-mean and clip_high=0.28."""
+
+    agg: Literal["auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = field(
+        "auto", help="loss aggregation; auto = seq-mean-token-mean for grpo (Shao et al. 2024 eq. 3), token-mean "
+                     "otherwise; seq-mean-token-sum-norm = Dr. GRPO (normaliser: sampling.max_new_tokens)")
+    clip_low: float | None = field(None, help="ε_low of the ratio clip (default: ppo.clip)")
+    clip_high: float | None = field(None, help="ε_high of the ratio clip (default: ppo.clip; DAPO's clip-higher: "
+                                               "0.28)")
+    group_scale: Literal["group", "batch", "none"] = field(
+        "group", help="grpo: divide the group-centred reward by the group's std (group), the batch's (batch) or not "
+                      "at all (none = Dr. GRPO)")
+    kl_in: Literal["auto", "reward", "loss"] = field(
+        "auto", help="where β·KL(π‖π_ref) goes: the per-token reward (InstructGPT; kl.estimator) or a k3 loss term "
+                     "(GRPO); auto = loss for grpo, reward otherwise. β comes from the kl section either way")
+
+    def validate(self) -> None:
+        for name in ("clip_low", "clip_high"):
+            v = getattr(self, name)
+            if v is not None and not v >= 0:
+                raise ConfigError(f"{name}: must be >= 0, got {v}")
+
+
+@dataclass
+class RewardConfig:
+    """One term of the composed reward r = Σ weight·r_i: a reward-model checkpoint or a 'module:callable'."""
+
+    model: str | None = field(None, help="reward-model checkpoint directory")
+    function: str | None = field(None, help="'module:callable' (prompts, responses) -> floats (a rule/verifier)")
+    weight: float = field(1.0, help="weight of this term in the sum")
+    name: str | None = field(None, help="key in metrics.jsonl (reward/<name>); default rm, rm_1, … / the "
+                                        "callable's name")
 
 
 @dataclass
@@ -85,17 +130,25 @@ class FaultConfig:
 
 @dataclass
 class PPOJobConfig:
-    """PPO-ptx on Ray actors: policy, reference, reward and value workers exchanging rollouts via the object store."""
+    """Online RL on Ray actors — PPO-ptx (policy, reference, reward, value) or a critic-free algorithm (GRPO,
+    RLOO, REINFORCE++: no value role) — with workers exchanging rollouts via the object store."""
 
     name: str = field("ppo", help="run name: runs/<name>/")
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = field(
+        "ppo", help="ppo (GAE + critic) | grpo | rloo | reinforce_pp (critic-free: no value role); docs/ALGORITHMS.md")
+    group_size: int = field(1, help="responses sampled per prompt (rows [g·G, (g+1)·G) are prompt g's group); "
+                                    ">= 2 for grpo and rloo")
     runs_root: str = field("runs", help="directory holding run directories")
     seed: int = field(0, help="seed of prompts order, sampling and minibatch order (all derived, nothing stateful)")
     iterations: int = field(20, help="PPO iterations (each: generate, score, advantages, update)")
-    batch_size: int = field(32, help="prompts (= responses) per iteration")
+    batch_size: int = field(32, help="prompts per iteration (responses = batch_size × group_size)")
     policy: str = field("runs/sft/checkpoint", help="SFT checkpoint: initial policy and frozen reference")
-    reward_model: str | None = field("runs/rm/checkpoint", help="reward-model checkpoint (or use reward_function)")
+    reward_model: str | None = field(DEFAULT_REWARD_MODEL, help="reward-model checkpoint (or use reward_function)")
     reward_function: str | None = field(None, help="'module:callable' user reward (prompts, responses) -> floats; "
                                                    "replaces the reward model")
+    rewards: list[RewardConfig] = field([], help="composed reward Σ weight·r_i of reward models and functions, "
+                                                 "e.g. [{model: runs/rm/checkpoint}, {function: 'pkg.mod:fn', "
+                                                 "weight: 0.5}]; replaces reward_model / reward_function")
     value_init: str | None = field(None, help="critic init checkpoint (default: the reward model, else the policy)")
     tokenizer: str | None = field(None, help="tokenizer.json (default: the policy checkpoint's)")
     gold: str | None = field("task", help="gold labeler for metrics: 'task' (VADER), 'module:callable', or null")
@@ -103,7 +156,8 @@ class PPOJobConfig:
     sampling: SamplingParams = field(SamplingParams(), help="sampling (temperature > 0: PPO needs a stochastic "
                                                              "policy; log-probs use the same temperature everywhere)")
     kl: KLConfig = field(KLConfig(), help="KL penalty and controller")
-    ppo: PPOConfig = field(PPOConfig(), help="PPO update")
+    ppo: PPOConfig = field(PPOConfig(), help="policy (and critic) update: epochs, minibatches, clip, learning rates")
+    loss: LossConfig = field(LossConfig(), help="policy-loss variants (aggregation, clip-higher, KL placement)")
     ptx: PtxConfig = field(PtxConfig(), help="pretraining mix")
     prompts: PromptsConfig = field(PromptsConfig(), help="prompts")
     placement: PlacementConfig = field(PlacementConfig(), help="role → pool → bundles (see cluster/placement.py)")
@@ -114,28 +168,41 @@ class PPOJobConfig:
     num_cpus: int | None = field(None, help="logical CPUs of the embedded cluster (default: all)")
 
     def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"algorithm: unknown algorithm {self.algorithm!r}; expected one of {list(ALGORITHMS)}")
         try:
-            spec = self.placement.check()
+            get_estimator(self.estimator, self.group_size)
+        except ValueError as e:
+            msg = str(e).removeprefix("group_size: ")
+            raise ConfigError(f"group_size: {msg} (algorithm {self.algorithm})") from None
+        try:
+            spec = self.placement_spec()
         except PlacementError as e:
             raise ConfigError(f"placement.{e}") from None
         if self.iterations < 1 or self.batch_size < 1:
             raise ConfigError("iterations/batch_size: must be >= 1")
-        if (self.reward_model is None) == (self.reward_function is None):
-            raise ConfigError("reward_model: give exactly one of reward_model and reward_function (set the other "
-                              "to null)")
+        self.reward_components()  # raises naming rewards[i] / reward_model / reward_function
         if self.sampling.temperature <= 0:
-            raise ConfigError(f"sampling.temperature: PPO samples from the policy; must be > 0, got "
+            raise ConfigError(f"sampling.temperature: RL samples from the policy; must be > 0, got "
                               f"{self.sampling.temperature}")
-        for role in ("policy", "reference", "reward", "value"):
+        for role in ("policy", "reference", "reward"):
             if role not in spec.roles or spec.roles[role].replicas < 1:
-                raise ConfigError(f"placement.replicas.{role}: every PPO role needs at least one replica")
-        for role in ("policy", "value"):
+                raise ConfigError(f"placement.replicas.{role}: every RL job needs at least one {role} replica")
+        n_value = spec.roles["value"].replicas if "value" in spec.roles else 0
+        if self.needs_critic and n_value < 1:
+            raise ConfigError(f"placement.replicas.value: algorithm {self.algorithm} trains a critic and needs at "
+                              "least one value replica")
+        if not self.needs_critic and n_value > 0:
+            raise ConfigError(f"placement.replicas.value: algorithm {self.algorithm} is critic-free; it places no "
+                              f"value role (got {n_value} replica(s); set it to 0 or leave it out)")
+        for role in ("policy", "value") if self.needs_critic else ("policy",):
             n = spec.roles[role].replicas
             if self.ppo.minibatch_size % n:
                 raise ConfigError(f"ppo.minibatch_size: {self.ppo.minibatch_size} is not divisible by the {n} "
                                   f"{role} replicas")
-            if self.batch_size % self.ppo.minibatch_size:
-                raise ConfigError(f"batch_size: {self.batch_size} is not a multiple of ppo.minibatch_size="
+            if self.rows % self.ppo.minibatch_size:
+                raise ConfigError(f"batch_size: {self.batch_size} prompts × group_size {self.group_size} = "
+                                  f"{self.rows} responses is not a multiple of ppo.minibatch_size="
                                   f"{self.ppo.minibatch_size}")
         if self.ptx.coef < 0:
             raise ConfigError(f"ptx.coef: must be >= 0, got {self.ptx.coef}")
@@ -152,8 +219,71 @@ class PPOJobConfig:
             parse_fault(item)
 
     # --- derived ----------------------------------------------------------------------------------------------
+    @property
+    def estimator(self) -> str:
+        return ALGORITHMS.get(self.algorithm, self.algorithm)
+
+    @property
+    def needs_critic(self) -> bool:
+        return ADVANTAGE_ESTIMATORS[self.estimator].needs_critic if self.estimator in ADVANTAGE_ESTIMATORS else True
+
+    @property
+    def rows(self) -> int:
+        """Responses per iteration: batch_size prompts × group_size samples."""
+        return self.batch_size * self.group_size
+
+    @property
+    def loss_agg(self) -> str:
+        if self.loss.agg != "auto":
+            return self.loss.agg
+        return "seq-mean-token-mean" if self.algorithm == "grpo" else "token-mean"
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.loss.kl_in == "loss" or (self.loss.kl_in == "auto" and self.algorithm == "grpo")
+
     def placement_spec(self) -> PlacementSpec:
-        return self.placement.check()
+        """The placement; a value role left out of placement.replicas is placed only for an algorithm with a critic."""
+        return self.placement.check(defaults={"value": 1 if self.needs_critic else 0})
+
+    def reward_components(self) -> list[RewardComponent]:
+        """The composed reward's terms: `rewards`, else the reward_model / reward_function shorthand. ConfigError
+        naming the field for a term with neither or both of model/function, a bad weight, a duplicate name, or a
+        function that does not import."""
+        if self.rewards:
+            if self.reward_function is not None or self.reward_model not in (None, DEFAULT_REWARD_MODEL):
+                raise ConfigError("rewards: give either rewards or the reward_model / reward_function shorthands "
+                                  "(set reward_model: null)")
+            items = [(f"rewards[{i}]", r.model, r.function, r.weight, r.name) for i, r in enumerate(self.rewards)]
+        else:
+            if (self.reward_model is None) == (self.reward_function is None):
+                raise ConfigError("reward_model: give exactly one of reward_model and reward_function (set the other "
+                                  "to null), or a list of rewards")
+            items = [("reward_model" if self.reward_model else "reward_function", self.reward_model,
+                      self.reward_function, 1.0, None)]
+        out: list[RewardComponent] = []
+        n_models = sum(1 for _, m, _, _, _ in items if m is not None)
+        for where, model, function, weight, name in items:
+            if (model is None) == (function is None):
+                raise ConfigError(f"{where}: give exactly one of model and function")
+            if not math.isfinite(weight):
+                raise ConfigError(f"{where}.weight: must be finite, got {weight}")
+            if function is not None:
+                check_importable(function, f"{where}.function" if where.startswith("rewards") else where)
+            default = (function or "").rpartition(":")[2] if function else \
+                ("rm" if n_models == 1 else f"rm_{sum(1 for c in out if c.checkpoint is not None)}")
+            try:
+                out.append(RewardComponent(name or default, abspath(model), function, float(weight)))
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        names = [c.name for c in out]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"rewards: component names must be unique, got {names} (set rewards[i].name)")
+        return out
+
+    def reward_models(self) -> list[str]:
+        """Checkpoint directories of the reward-model terms, in order."""
+        return [c.checkpoint for c in self.reward_components() if c.checkpoint is not None]
 
     def generators(self, spec: PlacementSpec | None = None) -> tuple[str, int]:
         """(role, replicas) that sample: the rollout workers if any, else the policy."""
@@ -167,6 +297,20 @@ class PPOJobConfig:
 
 STAGE_ROLES = {"generate": ("policy", "rollout"), "score": ("reference", "reward", "value"),
                "update": ("policy", "value")}
+
+
+def check_importable(path: str, field_name: str) -> None:
+    """'module:callable' must import in the driver (the workers import it the same way): ConfigError naming the
+    field otherwise. Only imports; a class is instantiated on the workers (actors/reward.py import_function)."""
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"{field_name}: expected 'module:callable', got {path!r}")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{field_name}: cannot import {path!r} ({e})") from None
+    if not callable(obj):
+        raise ConfigError(f"{field_name}: {path!r} is not callable")
 
 
 def parse_fault(item: str) -> tuple[str, int, str]:
@@ -196,18 +340,25 @@ class RoleSpecs:
 def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: int, n_value: int) -> RoleSpecs:
     s = sampling = cfg.sampling
     p = cfg.ppo
+    n_value = max(n_value, 1)  # a critic-free algorithm starts no value role; its spec is never used
     engine = dict(weight_decay=p.weight_decay, zero_stage=p.zero_stage, grad_clip=p.grad_clip, precision=p.precision)
     policy_engine = EngineSpec(lr=p.policy_lr, micro_batch_size=p.minibatch_size // n_policy, **engine)
     value_engine = EngineSpec(lr=p.value_lr, micro_batch_size=p.minibatch_size // n_value, **engine)
     policy_dir = abspath(cfg.policy) or ""
-    value_init = abspath(cfg.value_init or cfg.reward_model or cfg.policy) or ""
+    components = cfg.reward_components()
+    models = [c.checkpoint for c in components if c.checkpoint is not None]
+    value_init = abspath(cfg.value_init) or (models[0] if models else None) or policy_dir
+    agg = cfg.loss_agg
+    norm = s.max_new_tokens if agg == "seq-mean-token-sum-norm" else None  # Dr. GRPO's constant normaliser
     return RoleSpecs(
         policy=PolicySpec(policy_dir, policy_engine, sampling, eos_id,
                           PPOUpdateSpec(epochs=p.epochs, minibatch_size=p.minibatch_size // n_policy, clip_eps=p.clip,
-                                        ptx_coef=cfg.ptx.coef, seed=cfg.seed)),
+                                        ptx_coef=cfg.ptx.coef, seed=cfg.seed, clip_low=cfg.loss.clip_low,
+                                        clip_high=cfg.loss.clip_high, loss_agg=agg,
+                                        max_response_len=norm)),
         reference=ReferenceSpec(policy_dir, temperature=s.temperature),
-        reward=RewardSpec(checkpoint=abspath(cfg.reward_model), function=cfg.reward_function,
-                          tokenizer=tokenizer_path if cfg.reward_function else None, eos_id=eos_id),
+        reward=RewardSpec(components=tuple(components),
+                          tokenizer=tokenizer_path if any(c.function for c in components) else None, eos_id=eos_id),
         value=ValueSpec(value_init, value_engine, epochs=p.epochs, minibatch_size=p.minibatch_size // n_value,
                         clip_eps=p.value_clip, seed=cfg.seed),
         rollout=RolloutWorkerSpec(policy_dir, sampling, eos_id),
@@ -218,7 +369,12 @@ def plan(cfg: PPOJobConfig) -> str:
     """The placement plan printed by --dry-run."""
     spec = cfg.placement_spec()
     role, n = cfg.generators(spec)
-    lines = [spec.describe(), f"generation: {role} × {n}",
-             f"per iteration: {cfg.batch_size} prompts → {cfg.ppo.epochs} epochs × "
-             f"{cfg.batch_size // cfg.ppo.minibatch_size} minibatches of {cfg.ppo.minibatch_size}"]
+    critic = "value role (critic, GAE)" if cfg.needs_critic else "no value role (critic-free)"
+    kl = "a k3 loss term" if cfg.kl_in_loss else f"the reward ({cfg.kl.estimator})"
+    lines = [f"algorithm: {cfg.algorithm} (estimator {cfg.estimator}; {critic}); loss {cfg.loss_agg}; KL in {kl}",
+             spec.describe(), f"generation: {role} × {n}"
+             + (f", {cfg.group_size} samples per prompt (prefill shared)" if cfg.group_size > 1 else ""),
+             "reward: " + " + ".join(f"{c.weight:g}·{c.name}" for c in cfg.reward_components()),
+             f"per iteration: {cfg.batch_size} prompts × {cfg.group_size} = {cfg.rows} responses → "
+             f"{cfg.ppo.epochs} epochs × {cfg.rows // cfg.ppo.minibatch_size} minibatches of {cfg.ppo.minibatch_size}"]
     return "\n".join(lines)

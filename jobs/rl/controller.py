@@ -45,8 +45,9 @@ from models.seeding import derive_seed, stream_slice
 
 # Config fields that shape the trajectory: a resumed run must not change them (iterations, timeouts, faults,
 # placement layout and the cluster address may change).
-TRAJECTORY_FIELDS = ("seed", "batch_size", "policy", "reward_model", "reward_function", "value_init", "sampling",
-                     "kl", "ppo", "ptx", "task", "prompts.source", "prompts.split")
+TRAJECTORY_FIELDS = ("seed", "algorithm", "group_size", "batch_size", "policy", "reward_model", "reward_function",
+                     "rewards", "value_init", "sampling", "kl", "ppo", "loss", "ptx", "task", "prompts.source",
+                     "prompts.split")
 
 
 class StageFailed(RuntimeError):
@@ -75,8 +76,11 @@ def _same_weights(infos: list[WeightsInfo], what: str) -> WeightsInfo:
 
 
 def _finalize_task(n: int, options: dict[str, Any], *items: Any) -> tuple[Any, ...]:
-    """Ray task body: items = n rollouts, n ref log-probs, n scores, n values (resolved by Ray from refs)."""
-    shards, ref_lp, scores, values = (list(items[k * n:(k + 1) * n]) for k in range(4))
+    """Ray task body: items = n rollouts, n ref log-probs, n scores[, n values] (resolved by Ray from refs; no values
+    for a critic-free algorithm)."""
+    parts = [list(items[k * n:(k + 1) * n]) for k in range(len(items) // n)]
+    shards, ref_lp, scores = parts[:3]
+    values = parts[3] if len(parts) == 4 else None
     stats, outputs = finalize(shards, ref_lp, scores, values, **options)
     return (stats, *[shard for out in outputs for shard in out])
 
@@ -127,7 +131,8 @@ class Controller:
         self.gold = gold_function(cfg)
         self.ptx = ptx_dataset(cfg, self.tok)
         self.n_policy = self.spec.roles["policy"].replicas
-        self.n_value = self.spec.roles["value"].replicas
+        # Critic-free algorithms place no value role (cfg.validate refuses one).
+        self.n_value = self.spec.roles["value"].replicas if "value" in self.spec.roles else 0
         self.generator_role, self.n_gen = cfg.generators(self.spec)
         self.specs: RoleSpecs = role_specs(cfg, self.tok.eos_id, self.tokenizer_path, self.n_policy, self.n_value)
         self.kl = (AdaptiveKLController(cfg.kl.init_beta, cfg.kl.target, cfg.kl.horizon)
@@ -136,6 +141,8 @@ class Controller:
         for role, _, _ in self.faults:
             if role == "rollout" and self.generator_role != "rollout":
                 raise ConfigError("fault.inject: role 'rollout' has no replicas in this placement")
+            if role == "value" and not self.n_value:
+                raise ConfigError(f"fault.inject: algorithm {cfg.algorithm} places no value role")
         self.fired: set[tuple[str, int, str]] = set()
         self.run_dir = cfg.run_dir()
         self.state_dir = self.run_dir / "trainer_state"
@@ -163,7 +170,7 @@ class Controller:
                     raise ConfigError(f"{key}: differs from the run being resumed ({old!r} → {new!r}); only "
                                       f"iterations, evaluation, placement layout, faults and timeouts may change")
             for role, n in (("policy", self.n_policy), ("value", self.n_value)):
-                saved_n = state["replicas"][role]
+                saved_n = state["replicas"].get(role, 0)
                 if saved_n != n:
                     raise ConfigError(f"placement.replicas.{role}: the checkpoint was written by {saved_n} ranks, "
                                       f"got {n}")
@@ -199,7 +206,9 @@ class Controller:
             self.policy = self.groups["policy"] = PolicyGroup(s.policy, self.spec, self.pools, **kw)
             self.reference = self.groups["reference"] = ReferenceGroup(s.reference, self.spec, self.pools, **kw)
             self.reward = self.groups["reward"] = RewardGroup(s.reward, self.spec, self.pools, **kw)
-            self.value = self.groups["value"] = ValueGroup(s.value, self.spec, self.pools, **kw)
+            self.value = None
+            if self.n_value:
+                self.value = self.groups["value"] = ValueGroup(s.value, self.spec, self.pools, **kw)
             self.rollout = None
             if self.generator_role == "rollout":
                 self.rollout = self.groups["rollout"] = RolloutGroup(s.rollout, self.spec, self.pools, **kw)
@@ -240,7 +249,7 @@ class Controller:
         if role == "policy":
             self.expected = _same_weights(self.policy.get(self.policy.setup(self._snapshot("policy"))), "setup")
             self._sync_rollout()
-        elif role == "value":
+        elif role == "value" and self.value is not None:
             self.value.get(self.value.setup(self._snapshot("value")))
         elif role == "rollout":
             self._sync_rollout()
@@ -325,12 +334,17 @@ class Controller:
         return out
 
     def prompts(self, it: int) -> list[PromptShard]:
-        """This iteration's prompts, cut into one contiguous shard per generator replica, with per-row seeds."""
-        rows = prompt_order(len(self.prompts_train), self.cfg.seed, it, self.cfg.batch_size)
-        ids = [self.prompts_train.ids[r] for r in rows]
-        seeds = [derive_seed(self.cfg.seed, it, row) for row in range(len(ids))]
+        """This iteration's prompts, cut into one contiguous shard per generator replica (whole groups: a
+        replica samples all G = group_size responses of its prompts, sharing each prompt's prefill), with
+        per-row seeds. Row g·G + j is sample j of prompt g, seeded by (seed, iteration, row) — a pure function
+        of (iteration, prompt, sample), independent of the sharding."""
+        order = prompt_order(len(self.prompts_train), self.cfg.seed, it, self.cfg.batch_size)
+        ids = [self.prompts_train.ids[r] for r in order]
+        G = self.cfg.group_size
+        seeds = [derive_seed(self.cfg.seed, it, row) for row in range(len(ids) * G)]
         bounds = [i * len(ids) // self.n_gen for i in range(self.n_gen + 1)]
-        return [PromptShard(ids[a:b], list(range(a, b)), seeds[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return [PromptShard(ids[a:b], list(range(a * G, b * G)), seeds[a * G:b * G], n=G)
+                for a, b in zip(bounds, bounds[1:])]
 
     def generate(self, it: int, shards: list[PromptShard]) -> list[Any]:
         group = self.rollout if self.rollout is not None else self.policy
@@ -348,27 +362,40 @@ class Controller:
         def split(pairs: list[tuple[Any, Any]]) -> tuple[list[Any], Any]:
             return [m for m, _ in pairs], [p for _, p in pairs]
 
-        res = self._stage(it, "score", {
+        calls = {
             "reference": lambda: split(self.reference.compute_logprobs(rollouts)),
             "reward": lambda: split(self.reward.score(rollouts)),
-            "value": lambda: split(self.value.compute_values(rollouts)),
-        })
+        }
+        if self.value is not None:  # the critic's values (PPO); critic-free algorithms have none
+            value = self.value
+            calls["value"] = lambda: split(value.compute_values(rollouts))
+        res = self._stage(it, "score", calls)
         metas: list[ScoreMeta] = res["reward"][0]
-        self.proxy_reward = sum(m.mean * m.rows for m in metas) / max(1, sum(m.rows for m in metas))
-        return res["reference"][1], res["reward"][1], res["value"][1]
+        rows = max(1, sum(m.rows for m in metas))
+        self.proxy_reward = sum(m.mean * m.rows for m in metas) / rows
+        # Per reward component (unweighted means, `reward/<name>` in metrics.jsonl).
+        self.reward_components = {f"reward/{k}": sum(m.components[k] * m.rows for m in metas) / rows
+                                  for k in (metas[0].components if metas else {})}
+        return res["reference"][1], res["reward"][1], res["value"][1] if "value" in res else None
 
-    def advantages(self, rollouts: list[Any], ref_logprobs: list[Any], scores: list[Any], values: list[Any]
+    def advantages(self, rollouts: list[Any], ref_logprobs: list[Any], scores: list[Any], values: list[Any] | None
                    ) -> tuple[Batch, dict[str, float]]:
+        """One Ray task over the whole batch: the algorithm's estimator (cfg.estimator), β·KL in the reward unless
+        the algorithm puts it in the loss (GRPO)."""
         import ray
 
         t0 = time.perf_counter()
-        splits = [self.n_policy] if self.n_policy == self.n_value else [self.n_policy, self.n_value]
-        options = dict(beta=self.kl.beta, kl_estimator=self.cfg.kl.estimator, gamma=self.cfg.ppo.gamma,
-                       lam=self.cfg.ppo.lam, whiten_advantages=self.cfg.ppo.whiten_advantages, splits=splits)
+        splits = [self.n_policy] if self.n_policy == self.n_value or not self.n_value \
+            else [self.n_policy, self.n_value]
+        cfg = self.cfg
+        options = dict(beta=self.kl.beta, kl_estimator=cfg.kl.estimator, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
+                       whiten_advantages=cfg.ppo.whiten_advantages, splits=splits, estimator=cfg.estimator,
+                       group_size=cfg.group_size, scale=cfg.loss.group_scale, kl_in_reward=not cfg.kl_in_loss)
         task = ray.remote(_finalize_task).options(num_cpus=0, num_returns=1 + sum(splits), max_retries=2)
-        refs = task.remote(len(rollouts), options, *rollouts, *ref_logprobs, *scores, *values)
+        refs = task.remote(len(rollouts), options, *rollouts, *ref_logprobs, *scores, *(values or []))
         stats = dict(ray.get(refs[0], timeout=self.cfg.fault.stage_timeout_s))
         stats["beta"] = self.kl.beta
+        stats.update(getattr(self, "reward_components", {}))
         policy = list(refs[1:1 + self.n_policy])
         value = list(refs[1 + self.n_policy:]) if len(splits) == 2 else policy
         self.timings["advantages"] = time.perf_counter() - t0
@@ -381,7 +408,7 @@ class Controller:
         if self.ptx is None:
             return [None] * self.n_policy
         upd = self.specs.policy.update
-        steps = n_steps(self.cfg.batch_size // self.n_policy, upd)
+        steps = n_steps(self.cfg.rows // self.n_policy, upd)
         blocks = np.stack([self.ptx.batch_at(it * steps + s, self.cfg.ptx.batch_size) for s in range(steps)])
         per = self.cfg.ptx.batch_size // self.n_policy
         return [ray.put(np.ascontiguousarray(blocks[:, r * per:(r + 1) * per])) for r in range(self.n_policy)]
@@ -402,23 +429,28 @@ class Controller:
                 responses = [r for t in texts for r in t[1]]
                 self.gold_reward = float(np.mean(self.gold(prompts, responses)))
 
-        res = self._stage(it, "update", {
-            "policy": lambda: (refs := self.policy.update(batch.policy, ptx, it), refs),
-            "value": lambda: (refs := self.value.update(batch.value, it), refs),
-        }, during=gold)
+        # β of a KL loss term (GRPO): the same controller's β that KL-in-reward algorithms put in the reward.
+        kl_coef = self.kl.beta if self.cfg.kl_in_loss else 0.0
+        calls = {"policy": lambda: (refs := self.policy.update(batch.policy, ptx, it, kl_coef), refs)}
+        if self.value is not None:
+            value = self.value
+            calls["value"] = lambda: (refs := value.update(batch.value, it), refs)
+        res = self._stage(it, "update", calls, during=gold)
         results: list[UpdateResult] = res["policy"][0]
         self.expected = _same_weights([r.weights for r in results], "update")
         if self.rollout is not None:
             self._sync_rollout()
-        return {**_mean([r.metrics for r in results]), **_mean(res["value"][0])}
+        return {**_mean([r.metrics for r in results]), **(_mean(res["value"][0]) if "value" in res else {})}
 
     # --- checkpoint / metrics ---------------------------------------------------------------------------------
     def checkpoint(self, it: int) -> None:
         t0 = time.perf_counter()
         tag = f"iter-{it + 1:06d}"
         policy_dir, value_dir = self.state_dir / "policy", self.state_dir / "value"
-        self.policy.get(self.policy.save(str(policy_dir.resolve()), tag) + self.value.save(str(value_dir.resolve()),
-                                                                                           tag))
+        saves = self.policy.save(str(policy_dir.resolve()), tag)
+        if self.value is not None:
+            saves += self.value.save(str(value_dir.resolve()), tag)
+        self.policy.get(saves)
         ctl_dir = self.state_dir / "controller"
         ctl_dir.mkdir(parents=True, exist_ok=True)
         state = {"iteration": it + 1, "kl": self.kl.state_dict(), "seed": self.cfg.seed,
@@ -441,7 +473,7 @@ class Controller:
             it + 1, iteration=it + 1, gold_reward=self.gold_reward, proxy_reward=stats["proxy_reward"],
             **{k: v for k, v in stats.items() if k != "proxy_reward"}, **update,
             **{f"time_{k}": round(v, 4) for k, v in self.timings.items() if k != "startup"},
-            time_iteration=round(seconds, 4), samples_per_s=self.cfg.batch_size / max(work, 1e-9),
+            time_iteration=round(seconds, 4), samples_per_s=self.cfg.rows / max(work, 1e-9),
             rollout_bytes=self.rollout_bytes, recoveries=self.recoveries, weight_version=self.expected.version)
         gold = "   n/a" if self.gold_reward is None else f"{self.gold_reward:+.3f}"
         print(f"[ppo] iter {it + 1}/{self.cfg.iterations}  gold {gold}  proxy {stats['proxy_reward']:+.3f}  "

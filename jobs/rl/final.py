@@ -22,7 +22,7 @@ from actors.base import (
     weights_checksum,
 )
 from cluster.metrics import read_metrics
-from jobs.rl.config import PPOJobConfig, abspath
+from jobs.rl.config import PPOJobConfig
 from jobs.rl.inputs import GoldFn, PromptSet
 from jobs.rlhf.evaluation import evaluate_checkpoints
 from models.checkpoint import read_config, save_checkpoint
@@ -48,10 +48,13 @@ def heldout_eval(cfg: PPOJobConfig, tok: Any, ppo_dir: Path, sft_dir: str, gold:
     numbers. Keys: the evaluation's metrics (`ppo/gold`, `win_rate/ppo_vs_sft`, `ppo/kl`, …) plus samples."""
     source = cfg.prompts.eval_source or cfg.prompts.source
     prompts = PromptSet.load(cfg, tok, cfg.prompts.eval_split, source=source, limit=cfg.prompts.eval_size)
-    comparison = evaluate_checkpoints({"sft": sft_dir, "ppo": ppo_dir}, prompts.texts, cfg.sampling, cfg.seed,
-                                      gold=gold, reward_model=abspath(cfg.reward_model), kl_reference="sft")
-    result: dict[str, Any] = {"prompts": len(prompts), "split": cfg.prompts.eval_split, **comparison.metrics}
-    result["samples"] = [{"prompt": r["prompt"], "sft": r["sft"]["response"], "ppo": r["ppo"]["response"]}
+    label = cfg.algorithm  # "ppo", "grpo", …: keys ppo/gold, win_rate/grpo_vs_sft, …
+    rms = cfg.reward_models()  # the proxy score is the first reward model of the composed reward, if any
+    comparison = evaluate_checkpoints({"sft": sft_dir, label: ppo_dir}, prompts.texts, cfg.sampling, cfg.seed,
+                                      gold=gold, reward_model=rms[0] if rms else None, kl_reference="sft")
+    result: dict[str, Any] = {"prompts": len(prompts), "split": cfg.prompts.eval_split, "label": label,
+                              **comparison.metrics}
+    result["samples"] = [{"prompt": r["prompt"], "sft": r["sft"]["response"], "ppo": r[label]["response"]}
                          for r in comparison.rows()[:5]]
     return result
 
@@ -79,8 +82,9 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> None:
     ev = summary.get("eval")
     if ev:
         lines += ["", f"## Held-out comparison ({ev['prompts']} prompts, split {ev['split']})", ""]
-        for key in ("sft/gold", "ppo/gold", "win_rate/ppo_vs_sft", "sft/proxy", "ppo/proxy", "ppo/kl",
-                    "sft/response_tokens", "ppo/response_tokens"):
+        a = ev.get("label", "ppo")
+        for key in ("sft/gold", f"{a}/gold", f"win_rate/{a}_vs_sft", "sft/proxy", f"{a}/proxy", f"{a}/kl",
+                    "sft/response_tokens", f"{a}/response_tokens"):
             if key in ev:
                 lines.append(f"- {key}: {_fmt(ev[key])}")
         lines += ["", "| prompt | SFT | PPO |", "|---|---|---|"]

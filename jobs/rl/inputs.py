@@ -57,12 +57,14 @@ def check_checkpoints(cfg: PPOJobConfig) -> None:
     policy, kind = read(cfg.policy, "policy")
     if kind != "lm":
         raise ConfigError(f"policy: {cfg.policy} is a {kind!r} checkpoint, not a language model")
-    for name, path in (("reward_model", cfg.reward_model), ("value_init", cfg.value_init)):
+    models = [(f"rewards[{i}].model" if cfg.rewards else "reward_model", r.model) for i, r in enumerate(cfg.rewards)
+              ] if cfg.rewards else [("reward_model", cfg.reward_model)]
+    for name, path in (*models, ("value_init", cfg.value_init)):
         if path is None:
             continue
         other, kind = read(path, name)
-        if name == "reward_model" and kind != "reward":
-            raise ConfigError(f"reward_model: {path} is a {kind!r} checkpoint, not a reward model")
+        if name != "value_init" and kind != "reward":
+            raise ConfigError(f"{name}: {path} is a {kind!r} checkpoint, not a reward model")
         if other.vocab_size != policy.vocab_size:
             raise ConfigError(f"{name}: vocabulary {other.vocab_size} differs from the policy's {policy.vocab_size} "
                               f"(they must share the tokenizer)")

@@ -36,8 +36,9 @@ class HeldoutComparison:
     Every model samples one response per prompt with the same per-prompt seed (sample_seed(seed, "heldout", i, 0))
     under the same `SamplingParams`; `metrics` holds per model `<label>/gold` (the labeller), `<label>/proxy` (the
     reward model, through the reward role's EOS rule), `<label>/kl` (Σ_t log π(a_t) − log π_ref(a_t) on the
-    model's own samples: the k1 estimate of KL(π‖π_ref) in nats, against `kl_reference`), `<label>/response_tokens`
-    and `<label>/response_chars`, and `win_rate/<a>_vs_<b>` for every ordered pair with gold scores (ties ½)."""
+    model's own samples: the k1 estimate of KL(π‖π_ref) in nats, against `kl_reference`), `<label>/response_tokens`,
+    `<label>/response_chars`, `<label>/distinct2` (distinct word bigrams of all its responses, `distinct_n`), and
+    `win_rate/<a>_vs_<b>` for every ordered pair with gold scores (ties ½)."""
 
     prompts: list[str]
     responses: dict[str, list[str]]
@@ -92,6 +93,8 @@ def compare_models(models: Mapping[str, nn.Module], tokenizer: Tokenizer, prompt
                     proxy_rows += reward_model.eval()(r_ids, r_mask).float().tolist()
         metrics[f"{label}/response_tokens"] = float(torch.cat(lengths).mean())
         metrics[f"{label}/response_chars"] = sum(map(len, texts[label])) / len(prompts)
+        # Repetition of the samples: distinct word bigrams over all of this model's responses.
+        metrics[f"{label}/distinct2"] = distinct_n([t.split() for t in texts[label]], 2)
         if kl:
             metrics[f"{label}/kl"] = float(torch.cat(kl).mean())
         if reward_model is not None:
@@ -125,6 +128,17 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], prompts: Sequenc
     rm = load_checkpoint(reward_model, kind="reward") if reward_model else None
     return compare_models(models, tokenizer, prompts, sampling, seed, gold=gold, reward_model=rm,
                           kl_reference=kl_reference, batch_size=batch_size)
+
+
+def distinct_n(sequences: Sequence[Sequence[Any]], n: int) -> float:
+    """distinct-n (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models" §4):
+    the number of distinct n-grams over all `sequences` divided by their total number of n-grams — 1.0 when no
+    n-gram repeats anywhere, → 0 as samples repeat themselves and each other. Sequences shorter than n contribute
+    no n-gram; 0.0 when there is none at all."""
+    if n < 1:
+        raise ValueError(f"n: must be >= 1, got {n}")
+    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
