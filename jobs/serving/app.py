@@ -55,6 +55,16 @@ class ScalingConfig:
 
 
 @dataclass
+class VLLMServeConfig:
+    kv_cache_gib: float = field(1.0, help="vLLM's KV cache per model replica in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    max_num_seqs: int = field(64, help="most choices vLLM decodes together per replica")
+    enforce_eager: bool = field(True, help="skip vLLM's torch.compile (start in seconds rather than ~25 s)")
+
+
+ENGINES = ("native", "vllm")
+
+
+@dataclass
 class ServeConfig:
     """Serve checkpoints behind Ray Serve: OpenAI-compatible /v1/completions (+ chat), streaming, dynamic
     batching, autoscaling, optional API key. Positional arguments are checkpoint directories, `name=path` or
@@ -69,10 +79,16 @@ class ServeConfig:
     batching: BatchingConfig = field(BatchingConfig(), help="dynamic batching (@serve.batch)")
     scaling: ScalingConfig = field(ScalingConfig(), help="model replicas and autoscaling")
     limits: LimitsConfig = field(LimitsConfig(), help="request limits")
+    engine: str = field("native", help="what decodes: native (the project's batched sampler) or vllm (vLLM's "
+                                        "async engine; needs the raygpt[vllm] extra)")
+    vllm: VLLMServeConfig = field(VLLMServeConfig(), help="vLLM engine settings (engine: vllm)")
 
     def validate(self) -> None:
         b, s, lim = self.batching, self.scaling, self.limits
         checks = [
+            ("engine", self.engine in ENGINES, f"must be one of {', '.join(ENGINES)}, got {self.engine!r}"),
+            ("vllm.kv_cache_gib", self.vllm.kv_cache_gib > 0, "must be > 0"),
+            ("vllm.max_num_seqs", self.vllm.max_num_seqs >= 1, "must be >= 1"),
             ("http.port", 0 < self.http.port < 65536, "must be in 1..65535"),
             ("http.ingress_replicas", self.http.ingress_replicas >= 1, "must be >= 1"),
             ("batching.max_batch_size", b.max_batch_size >= 1, "must be >= 1"),
@@ -160,12 +176,23 @@ def build_app(cfg: ServeConfig) -> Any:
         scaling = {"num_replicas": s.max_replicas}
     ongoing = s.max_ongoing_requests or 2 * cfg.batching.max_batch_size
     threads = s.torch_threads or max(1, int(s.num_cpus))
-    handles = {
-        name: ModelServer.options(name=f"model-{name}", max_ongoing_requests=ongoing,
-                             ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}, **scaling)
-        .bind(name, str(path), dataclasses.asdict(cfg.batching), threads)
-        for name, path in specs.items()
-    }
+    actor = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
+    if cfg.engine == "vllm":
+        from actors.engines.vllm import check_vllm_model  # the extra's absence → ConfigError with the install line
+        from jobs.serving.vllm_server import VLLMModelServer
+
+        for name, path in specs.items():  # refuse what vLLM cannot run before anything is deployed
+            try:
+                check_vllm_model(path)
+            except CheckpointError as e:
+                raise ConfigError(f"models: {name}: {e}") from None
+        handles = {name: VLLMModelServer.options(name=f"model-{name}", max_ongoing_requests=ongoing,
+                                                 ray_actor_options=actor, **scaling)
+                   .bind(name, str(path), dataclasses.asdict(cfg.vllm)) for name, path in specs.items()}
+    else:
+        handles = {name: ModelServer.options(name=f"model-{name}", max_ongoing_requests=ongoing,
+                                             ray_actor_options=actor, **scaling)
+                   .bind(name, str(path), dataclasses.asdict(cfg.batching), threads) for name, path in specs.items()}
     return Ingress.options(
         num_replicas=cfg.http.ingress_replicas, max_ongoing_requests=cfg.http.ingress_max_ongoing_requests,
     ).bind(handles, dataclasses.asdict(cfg.limits), api_key_sha256(cfg), cfg.default_model)

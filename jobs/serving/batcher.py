@@ -104,22 +104,16 @@ def pack_rows(rows: Sequence[_Row], n_ctx: int) -> list[list[_Row]]:
     return bins
 
 
-class Batcher:
-    """A loaded checkpoint + tokenizer that turns batches of `Job`s into streams of `ChoiceDelta`s."""
+class TextCodec:
+    """A model's tokenizer and limits (context, vocabulary): what a request is checked and decoded against, with
+    no weights. The native `Batcher` and the vLLM model server (jobs/serving/vllm_server.py) share it."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, name: str = "model", max_rows: int = 64) -> None:
-        self.model = model.eval()
+    def __init__(self, tokenizer: Tokenizer, n_ctx: int, vocab: int, name: str = "model") -> None:
         self.tok = tokenizer
         self.name = name
-        self.n_ctx = model.config.n_ctx
-        self.vocab = model.config.vocab_size
+        self.n_ctx = n_ctx
+        self.vocab = vocab
         self.eos = tokenizer.eos_id
-        self.max_rows = max_rows  # sampler rows per sub-batch (memory bound of the KV cache)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, name: str, max_rows: int = 64, device: str = "cpu") -> Batcher:
-        model = load_checkpoint(path, kind="lm").to(device)
-        return cls(model, Tokenizer.from_file(tokenizer_path(path)), name, max_rows)  # type: ignore[arg-type]
 
     def token_str(self, token_id: int) -> str:
         """A token as text, or OpenAI's `bytes:\\xNN…` form when it is not whole UTF-8 on its own (byte-level BPE
@@ -155,6 +149,20 @@ class Batcher:
             raise RequestError("prompt", f"{total} prompt tokens in this request; this server accepts at most "
                                f"{job.max_prompt_tokens} (limits.max_prompt_tokens)", "prompt_too_large")
         return out
+
+
+class Batcher(TextCodec):
+    """A loaded checkpoint + tokenizer that turns batches of `Job`s into streams of `ChoiceDelta`s."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, name: str = "model", max_rows: int = 64) -> None:
+        super().__init__(tokenizer, model.config.n_ctx, model.config.vocab_size, name)
+        self.model = model.eval()
+        self.max_rows = max_rows  # sampler rows per sub-batch (memory bound of the KV cache)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, name: str, max_rows: int = 64, device: str = "cpu") -> Batcher:
+        model = load_checkpoint(path, kind="lm").to(device)
+        return cls(model, Tokenizer.from_file(tokenizer_path(path)), name, max_rows)  # type: ignore[arg-type]
 
     # --- decoding ---------------------------------------------------------------------------------------------
     def steps(self, jobs: Sequence[Job], prompts: Sequence[list[list[int]]] | None = None
