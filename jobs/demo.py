@@ -1,7 +1,13 @@
 """`raygpt demo` (what `make demo` runs): the whole InstructGPT pipeline on the embedded defaults, on one local
 Ray cluster, ending with runs/demo/report.md and its plots.
 
-    tokenizer → prepare → pretrain → SFT → comparisons → RM → PPO-ptx → eval → serve one request → report
+    tokenizer → prepare → pretrain → SFT → comparisons → RM → PPO-ptx [→ GRPO, RLOO, REINFORCE++, DPO] → eval
+    → serve one request → report
+
+`--algorithms ppo,grpo,rloo,reinforce_pp,dpo` adds those algorithms as stages, all from the same SFT model and
+reward model (DPO from the RM's comparisons); the eval stage then compares every one of them with the SFT model
+(the one held-out evaluation, jobs/rlhf/evaluation.py) and the report adds a side-by-side table and a plot of
+gold reward against KL. The default is PPO alone.
 
 Each stage is the job itself: its config class is loaded from the demo config's section of the same name (any
 field of `raygpt <stage>`; the wiring between stages — run directories under runs/<name>/, checkpoints,
@@ -33,7 +39,7 @@ from ray import serve
 
 from cluster import console
 from cluster.runtime import init_ray, is_embedded, shutdown_ray
-from jobs.cli import JobSpec, resolve_job
+from jobs.cli import Arg, JobSpec, resolve_job
 from jobs.config import ConfigError, deep_merge, dump_yaml, field, from_dict, to_dict
 from jobs.report import write_report
 from jobs.serving.app import API_KEY_ENV, ServeConfig, build_app
@@ -70,6 +76,8 @@ class DemoConfig:
     until: str | None = field(None, help="stop after this stage (no serve/report), e.g. to iterate on one stage")
     goal_win_rate: float = field(0.75, help="win rate of PPO over SFT the report checks against")
     samples: int = field(4, help="side-by-side sample completions in the report")
+    algorithms: list[str] = field(["ppo"], help="algorithms run from the same SFT and RM and compared in the report: "
+                                               "ppo (always) and any of grpo, rloo, reinforce_pp, dpo")
     tokenizer: dict[str, Any] = field({}, help="`raygpt tokenizer` fields")
     prepare: dict[str, Any] = field({}, help="`raygpt prepare` fields")
     pretrain: dict[str, Any] = field({}, help="`raygpt pretrain` fields")
@@ -77,6 +85,10 @@ class DemoConfig:
     comparisons: dict[str, Any] = field({}, help="`raygpt comparisons` fields")
     rm: dict[str, Any] = field({}, help="`raygpt rm` fields")
     ppo: dict[str, Any] = field({}, help="`raygpt ppo` fields")
+    grpo: dict[str, Any] = field({}, help="`raygpt ppo` fields of the GRPO run (with --algorithms …,grpo)")
+    rloo: dict[str, Any] = field({}, help="`raygpt ppo` fields of the RLOO run (with --algorithms …,rloo)")
+    reinforce_pp: dict[str, Any] = field({}, help="`raygpt ppo` fields of the REINFORCE++ run")
+    dpo: dict[str, Any] = field({}, help="`raygpt dpo` fields (with --algorithms …,dpo)")
     eval: dict[str, Any] = field({}, help="`raygpt eval` fields")
     serve: dict[str, Any] = field({}, help="`raygpt serve` fields (checkpoints are wired here)")
     request: RequestConfig = field(RequestConfig(), help="the one request sent to the served models")
@@ -87,6 +99,12 @@ class DemoConfig:
         if self.samples < 0:
             raise ConfigError(f"samples: must be ≥ 0, got {self.samples}")
         names = [s.name for s in STAGES]
+        for a in self.algorithms:
+            if a != "ppo" and a not in EXTRA_ALGORITHMS:
+                raise ConfigError(f"algorithms: unknown algorithm {a!r}; expected ppo and any of "
+                                  f"{', '.join(EXTRA_ALGORITHMS)}")
+        if "ppo" not in self.algorithms:
+            raise ConfigError("algorithms: must include ppo (the served model and the report's headline are PPO's)")
         if self.until is not None and self.until not in names:
             raise ConfigError(f"until: must be one of {names}, got {self.until!r}")
 
@@ -100,14 +118,42 @@ def _paths(cfg: DemoConfig) -> dict[str, str]:
     r = str(root_of(cfg))
     return {"root": r, "tokenizer": f"{r}/tokenizer/tokenizer.json", "data": f"{r}/data",
             "pretrain": f"{r}/pretrain/checkpoint", "sft": f"{r}/sft/checkpoint", "rm": f"{r}/rm/checkpoint",
-            "ppo": f"{r}/ppo/checkpoint", "comparisons": f"{r}/comparisons"}
+            "ppo": f"{r}/ppo/checkpoint", "comparisons": f"{r}/comparisons",
+            **{a: f"{r}/{a}/checkpoint" for a in EXTRA_ALGORITHMS}}
+
+
+def _algorithms(cfg: DemoConfig) -> list[str]:
+    """The algorithms of this demo in stage order (ppo first)."""
+    return [a for a in ("ppo", *EXTRA_ALGORITHMS) if a in cfg.algorithms]
 
 
 @dataclass(frozen=True)
 class Stage:
-    name: str          # the DemoConfig section and the `raygpt` subcommand
+    name: str          # the DemoConfig section (and the `raygpt` subcommand unless `job` names another)
     title: str
     wire: Callable[[DemoConfig], dict[str, Any]]
+    job: str | None = None  # the `raygpt` subcommand, when it is not `name` (grpo → ppo)
+    only: str | None = None  # run only when this algorithm is in DemoConfig.algorithms
+
+
+# The algorithms `--algorithms` may add to PPO, with their stage defaults: the critic-free ones sample 4 responses
+# to each of 8 prompts, the same 32 responses per iteration as PPO's 32 prompts (REINFORCE++ needs no groups).
+EXTRA_ALGORITHMS: dict[str, dict[str, Any]] = {
+    "grpo": {"algorithm": "grpo", "group_size": 4, "batch_size": 8},
+    "rloo": {"algorithm": "rloo", "group_size": 4, "batch_size": 8},
+    "reinforce_pp": {"algorithm": "reinforce_pp"},
+    "dpo": {},
+}
+
+
+def _online(name: str) -> Stage:
+    def wire(c: DemoConfig) -> dict[str, Any]:
+        # Same SFT, RM, pretraining mix and every other PPO-stage setting, so only the algorithm differs.
+        return deep_merge({**_run_named(name)(c), "policy": _paths(c)["sft"], "reward_model": _paths(c)["rm"],
+                           "ptx": {"data": _paths(c)["data"]}, **EXTRA_ALGORITHMS[name]},
+                          {k: v for k, v in c.ppo.items() if k not in ("name", "algorithm", "group_size",
+                                                                          "batch_size")})
+    return Stage(name, f"{name} on Ray actors (critic-free: policy, reference, reward)", wire, job="ppo", only=name)
 
 
 def _run_named(stage: str) -> Callable[[DemoConfig], dict[str, Any]]:
@@ -134,9 +180,14 @@ STAGES: list[Stage] = [
     Stage("ppo", "PPO-ptx on Ray actors (policy, reference, reward, value)",
           lambda c: {**_run_named("ppo")(c), "policy": _paths(c)["sft"], "reward_model": _paths(c)["rm"],
                      "ptx": {"data": _paths(c)["data"]}}),
+    *[_online(a) for a in ("grpo", "rloo", "reinforce_pp")],
+    Stage("dpo", "DPO from the RM's comparisons (Ray Train + DeepSpeed, frozen SFT reference)",
+          lambda c: {**_run_named("dpo")(c), "init_from": _paths(c)["sft"], "comparisons": _paths(c)["comparisons"]},
+          only="dpo"),
     Stage("eval", "held-out evaluation: gold and proxy reward, win rate, RM accuracy",
           lambda c: {**_run_named("eval")(c), "models": {"pretrained": _paths(c)["pretrain"],
-                                                           "sft": _paths(c)["sft"], "ppo": _paths(c)["ppo"]},
+                                                           "sft": _paths(c)["sft"],
+                                                           **{a: _paths(c)[a] for a in _algorithms(c)}},
                      "reward_model": _paths(c)["rm"]}),
 ]
 
@@ -154,8 +205,10 @@ def plan_stages(cfg: DemoConfig) -> list[Planned]:
     planned = []
     last = [s.name for s in STAGES].index(cfg.until) if cfg.until else len(STAGES) - 1
     for stage in STAGES[:last + 1]:
+        if stage.only is not None and stage.only not in cfg.algorithms:
+            continue
         try:
-            job = resolve_job(stage.name, [])
+            job = resolve_job(stage.job or stage.name, [])
             data = deep_merge(deep_merge(to_dict(job.cfg), stage.wire(cfg)), getattr(cfg, stage.name))
             stage_cfg = from_dict(job.cls, data)
         except ConfigError as e:
@@ -331,7 +384,13 @@ def _plan_text(cfg: DemoConfig) -> str:
         f"\n{len(planned) + 1}. serve: one request\n{len(planned) + 2}. report: {root_of(cfg)}/report.md"
 
 
-JOB = JobSpec(DemoConfig, run, "raygpt demo", plan=_plan_text)
+def _algorithm_list(text: str) -> list[str]:
+    return [a.strip() for a in text.split(",") if a.strip()]
+
+
+JOB = JobSpec(DemoConfig, run, "raygpt demo", plan=_plan_text, args=(
+    Arg(("--algorithms",), "algorithms", "comma-separated algorithms compared from the same SFT and RM, e.g. "
+        "ppo,grpo,rloo,reinforce_pp,dpo (default: ppo)", type=_algorithm_list),))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,6 +180,8 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
                     keep=cfg.checkpoint.keep, progress_steps=cfg.optim.max_steps)
     summary.update({k: v for k, v in (result.metrics or {}).items() if k != "rows"})
     summary["train_seconds"] = round(time.perf_counter() - t1, 2)
+    rows = cfg.optim.micro_batch_size * cfg.optim.grad_accum * cfg.parallel.data_parallel()
+    summary["pairs_per_s"] = cfg.optim.max_steps * rows / max(summary["train_seconds"], 1e-9)
     if task is not None:
         prompts = task.prompts("heldout")[:cfg.eval.prompts]
         comparison = evaluate_checkpoints({"sft": cfg.init_from, "dpo": run_dir / "checkpoint"}, prompts,

@@ -113,6 +113,46 @@ def plot_ppo(root: Path, kl_target: float | None) -> Path:
     return _save(fig, root / "ppo.png")
 
 
+def algorithm_rows(root: Path, ev: dict[str, Any], state: dict[str, Any], algorithms: list[str]
+                   ) -> list[dict[str, Any]]:
+    """Per algorithm: the eval stage's numbers (win rate over SFT, gold, proxy, KL to SFT, distinct-2 — all from
+    the one held-out evaluation) plus the stage's wall time and its training throughput (online algorithms: mean
+    samples_per_s of metrics.jsonl; DPO: preference pairs per second of training)."""
+    out = []
+    for a in algorithms:
+        win = ev.get(f"win_rate/{a}_vs_sft")
+        if win is None:
+            raise ReportError(f"{root}/eval/summary.json: no 'win_rate/{a}_vs_sft' (eval.models must hold {a!r})")
+        if a == "dpo":
+            rate = _load_json(root / "dpo" / "summary.json").get("pairs_per_s")
+            unit = "pairs/s"
+        else:
+            rates = [r["samples_per_s"] for r in read_metrics(root / a) if r.get("samples_per_s") is not None]
+            rate = sum(rates) / len(rates) if rates else None
+            unit = "samples/s"
+        out.append({"algorithm": a, "win_rate": win, "gold": ev.get(f"{a}/gold"), "proxy": ev.get(f"{a}/proxy"),
+                    "kl": ev.get(f"{a}/kl"), "distinct2": ev.get(f"{a}/distinct2"),
+                    "seconds": state.get(a, {}).get("seconds"), "rate": rate, "unit": unit})
+    return out
+
+
+def plot_gold_vs_kl(root: Path, ev: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
+    """Gold reward against KL(model‖SFT) on the held-out prompts, one point per algorithm and the SFT model."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    points = [("sft", ev.get("sft/kl", 0.0) or 0.0, ev.get("sft/gold"))]
+    points += [(r["algorithm"], r["kl"], r["gold"]) for r in rows]
+    for name, kl, gold in points:
+        if kl is None or gold is None:
+            raise ReportError(f"{root}/eval/summary.json: no {name}/kl or {name}/gold")
+        ax.scatter([kl], [gold], s=40)
+        ax.annotate(name, (kl, gold), textcoords="offset points", xytext=(5, 4))
+    ax.set(title="Gold reward vs KL to SFT (held-out prompts)", xlabel="KL(model ‖ SFT), nats per response",
+           ylabel="gold score (labeler)")
+    ax.grid(alpha=0.3)
+    return _save(fig, root / "gold_vs_kl.png")
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -158,6 +198,10 @@ def write_report(root: Path, cfg: Any, state: dict[str, Any], wall_seconds: floa
     kl = ppo_cfg.get("kl", {})
     kl_target = kl.get("target") if kl.get("controller") == "adaptive" else None
     plots = [plot_lm(root), plot_rm(root), plot_ppo(root, kl_target)]
+    algorithms = list(getattr(cfg, "algorithms", ["ppo"]))
+    alg_rows = algorithm_rows(root, ev, state, algorithms) if len(algorithms) > 1 else []
+    if alg_rows:
+        plots.append(plot_gold_vs_kl(root, ev, alg_rows))
     samples = side_by_side(root, cfg.samples)
     served = _load_json(root / "serve.json")
 
@@ -181,6 +225,16 @@ def write_report(root: Path, cfg: Any, state: dict[str, Any], wall_seconds: floa
     for key, label in EVAL_LABELS.items():
         if ev.get(key) is not None:
             lines.append(f"| {label} | {_fmt(ev[key])} |")
+    if alg_rows:
+        lines += ["", "## Algorithms (same SFT model, same reward model, same held-out prompts and seeds)", "",
+                  "| algorithm | win rate over SFT | gold | proxy | KL to SFT (nats) | distinct-2 | wall time | "
+                  "throughput |", "|---|---|---|---|---|---|---|---|"]
+        for r in alg_rows:
+            wall = "–" if r["seconds"] is None else f"{r['seconds']:.0f} s"
+            rate = "–" if r["rate"] is None else f"{r['rate']:.1f} {r['unit']}"
+            lines.append(f"| {r['algorithm']} | {_fmt(r['win_rate'], True)} | {_fmt(r['gold'])} | "
+                         f"{_fmt(r['proxy'])} | {_fmt(r['kl'])} | {_fmt(r['distinct2'])} | {wall} | {rate} |")
+        numbers["algorithms"] = {r["algorithm"]: {k: v for k, v in r.items() if k != "algorithm"} for r in alg_rows}
     lines += ["", "## Curves", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     lines += ["## Stages", "", "| stage | wall time | status |", "|---|---|---|"]
     for name, info in state.items():

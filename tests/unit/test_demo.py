@@ -11,7 +11,7 @@ import pytest
 
 from cluster.metrics import MetricsWriter
 from jobs import demo
-from jobs.config import load_config
+from jobs.config import ConfigError, load_config
 from jobs.report import ReportError, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -23,7 +23,7 @@ def _cfg(*sets: str) -> demo.DemoConfig:
 
 def test_plan_wires_stages_under_the_run_directory():
     planned = {p.stage.name: p.cfg for p in demo.plan_stages(_cfg("runs_root=/r", "name=d"))}
-    assert list(planned) == [s.name for s in demo.STAGES]
+    assert list(planned) == [s.name for s in demo.STAGES if s.only is None]  # default: PPO alone
     assert planned["prepare"].tokenizer == planned["tokenizer"].out == "/r/d/tokenizer/tokenizer.json"
     assert planned["pretrain"].data.dir == planned["prepare"].out == "/r/d/data"
     assert planned["sft"].init_from == "/r/d/pretrain/checkpoint"
@@ -34,6 +34,27 @@ def test_plan_wires_stages_under_the_run_directory():
     assert all(getattr(c, "runs_root", "/r/d") == "/r/d" for c in planned.values())
     # the demo's own settings reach the job: configs/demo.yaml's pretrain section
     assert planned["pretrain"].model.preset == "tiny"
+
+
+def test_algorithms_run_from_the_same_sft_and_rm_and_are_all_evaluated():
+    cfg, _ = demo.JOB.parse(["--config", str(demo.DEFAULT_CONFIG), "--algorithms", "ppo,grpo,rloo,reinforce_pp,dpo",
+                             "--set", "runs_root=/r", "--set", "name=d"])
+    planned = {p.stage.name: p.cfg for p in demo.plan_stages(cfg)}
+    assert list(planned)[6:12] == ["ppo", "grpo", "rloo", "reinforce_pp", "dpo", "eval"]
+    for a in ("grpo", "rloo", "reinforce_pp"):
+        c = planned[a]
+        assert (c.algorithm, c.name, c.policy, c.reward_model) == (a, a, "/r/d/sft/checkpoint", "/r/d/rm/checkpoint")
+        assert c.rows == planned["ppo"].rows == 32 and c.iterations == planned["ppo"].iterations
+        assert "value" not in c.placement_spec().roles  # critic-free
+    assert planned["grpo"].group_size == planned["rloo"].group_size == 4
+    assert (planned["dpo"].init_from, planned["dpo"].comparisons) == ("/r/d/sft/checkpoint", "/r/d/comparisons")
+    assert planned["eval"].models == {"pretrained": "/r/d/pretrain/checkpoint", "sft": "/r/d/sft/checkpoint",
+                                      **{a: f"/r/d/{a}/checkpoint" for a in
+                                         ("ppo", "grpo", "rloo", "reinforce_pp", "dpo")}}
+    with pytest.raises(ConfigError, match="algorithms: unknown algorithm 'a2c'"):
+        demo.JOB.parse(["--algorithms", "ppo,a2c"])
+    with pytest.raises(ConfigError, match="algorithms: must include ppo"):
+        demo.JOB.parse(["--algorithms", "grpo"])
 
 
 def test_a_bad_stage_field_is_named_with_its_stage():
@@ -112,3 +133,31 @@ def test_report_refuses_missing_metrics(tmp_path):
     (tmp_path / "eval" / "summary.json").write_text("{}")
     with pytest.raises(ReportError, match="summary.json: missing"):
         write_report(tmp_path, cfg, {})
+
+
+def test_report_compares_the_algorithms(tmp_path):
+    _fake_run(tmp_path)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    summary.update({"ppo/kl": 4.0, "ppo/proxy": 1.0, "ppo/distinct2": 0.5, "sft/kl": 0.0,
+                    "win_rate/grpo_vs_sft": 0.875, "grpo/gold": 0.7, "grpo/proxy": 1.2, "grpo/kl": 5.5,
+                    "grpo/distinct2": 0.4, "win_rate/dpo_vs_sft": 0.7, "dpo/gold": 0.4, "dpo/proxy": 0.3,
+                    "dpo/kl": 2.0, "dpo/distinct2": 0.6})
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps(summary))
+    with MetricsWriter(tmp_path / "grpo", tensorboard=False) as w:
+        for it, rate in ((1, 30.0), (2, 50.0)):
+            w.write(it, iteration=it, samples_per_s=rate)
+    (tmp_path / "dpo").mkdir()
+    (tmp_path / "dpo" / "summary.json").write_text(json.dumps({"pairs_per_s": 123.4}))
+    state = {a: {"status": "done", "seconds": s} for a, s in (("ppo", 200.0), ("grpo", 90.0), ("dpo", 60.0))}
+    cfg = SimpleNamespace(corpus="shakespeare", samples=0, goal_win_rate=0.75, algorithms=["ppo", "grpo", "dpo"])
+    out = write_report(tmp_path, cfg, state, wall_seconds=600)
+    md = (tmp_path / "report.md").read_text()
+    assert "| grpo | 87.5% | 0.700 | 1.200 | 5.500 | 0.400 | 90 s | 40.0 samples/s |" in md
+    assert "| dpo | 70.0% | 0.400 | 0.300 | 2.000 | 0.600 | 60 s | 123.4 pairs/s |" in md
+    assert "| ppo | 81.2% | 0.600 | 1.000 | 4.000 | 0.500 | 200 s | – |" in md  # no samples_per_s rows
+    assert (tmp_path / "gold_vs_kl.png").read_bytes()[:8] == PNG and "![gold_vs_kl](gold_vs_kl.png)" in md
+    assert out["numbers"]["algorithms"]["grpo"]["win_rate"] == 0.875
+    del summary["win_rate/dpo_vs_sft"]
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ReportError, match="no 'win_rate/dpo_vs_sft'"):
+        write_report(tmp_path, cfg, state)
