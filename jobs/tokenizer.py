@@ -21,7 +21,9 @@ from jobs.data.vocabulary import train_tokenizer
 class TokenizerJobConfig:
     """Train a byte-level BPE tokenizer on a corpus and save it as tokenizer.json."""
 
-    corpus: str = field("shakespeare", help="'shakespeare', 'pydoc', or paths/globs of .txt/.parquet (comma-separated)")
+    corpus: str = field("shakespeare", help="'shakespeare', 'pydoc', or paths/globs/URIs of .txt/.jsonl/.parquet "
+                        "(comma-separated)")
+    text_field: str = field("text", help="the text field of .jsonl lines / column of .parquet files")
     vocab_size: int = field(4096, help="vocabulary size incl. <|endoftext|> (id 0) and the 256 byte tokens")
     min_frequency: int = field(2, help="a pair must occur at least this often to be merged")
     held_in_only: bool = field(False, help="learn merges from the held-in (train) documents only")
