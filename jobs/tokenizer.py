@@ -42,7 +42,7 @@ class TokenizerJobConfig:
 
 def run(cfg: TokenizerJobConfig) -> dict:
     stats = train_tokenizer(cfg.corpus, cfg.vocab_size, cfg.out, cfg.min_frequency, cfg.held_in_only,
-                            cfg.validation_fraction)
+                            cfg.validation_fraction, cfg.text_field)
     print(json.dumps(stats))
     return stats
 

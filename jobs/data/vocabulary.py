@@ -11,9 +11,11 @@ from models.tokenizer import Tokenizer
 
 
 def train_tokenizer(corpus: str, vocab_size: int, out: str, min_frequency: int = 2, held_in_only: bool = False,
-                    validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> dict[str, Any]:
-    """Learn merges on `corpus` (held-in documents only if `held_in_only`), save `out`; returns statistics."""
-    docs = load_documents(corpus)
+                    validation_fraction: float = DEFAULT_VALIDATION_FRACTION, text_field: str = "text"
+                    ) -> dict[str, Any]:
+    """Learn merges on `corpus` (held-in documents only if `held_in_only`), save `out`; returns statistics.
+    `text_field`: the field of .jsonl lines / column of .parquet files holding the text."""
+    docs = load_documents(corpus, text_field)
     if held_in_only:
         docs = split_documents(docs, validation_fraction)["train"]
     t0 = time.perf_counter()
