@@ -37,6 +37,7 @@ from models.gpt import GPT, KVCache, attention_mask_4d
 from models.packed import available, packed_twin
 
 DROP_DEAD_FRACTION = 0.25  # drop dead slots once this share of the batch is dead and nothing waits
+CACHE_BUDGET_BYTES = 4 * 2**30  # max_rows=None: as many slots as a 4 GiB KV cache holds
 
 
 @dataclass
@@ -94,12 +95,13 @@ def decode(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams,
            packed: bool | None = None, compile: bool = False) -> Decoded:
     """Sample n responses to each prompt with continuous batching over at most `max_rows` decode slots.
 
-    prompts: G token lists; seeds (G·n,) int64, one per output row; `max_rows` None = all rows at once (rounded
-    up to n so that one group always fits). Rows stop at `eos_id` (None: after max_new_tokens). `packed`: multiply
-    with oneDNN-packed weights (`models.packed`; None = whenever available: fp32 on CPU). `compile`: run the
-    decode step through `torch.compile` (inductor, dynamic shapes; implies packed=False, which dynamo cannot
-    trace). Off by default: on the 2-core CPU it costs ~25 s of compilation per process for `tiny` and is no
-    faster than packed eager (docs/BENCHMARKS.md).
+    prompts: G token lists; seeds (G·n,) int64, one per output row; `max_rows` None = all rows at once if their
+    KV cache fits `CACHE_BUDGET_BYTES`, else as many as fit (always rounded up to n so that one group fits).
+    Rows stop at `eos_id` (None: after max_new_tokens). `packed`: multiply with oneDNN-packed weights
+    (`models.packed`; None = whenever available: fp32 on CPU). `compile`: run the decode step through
+    `torch.compile` (inductor, dynamic shapes; excludes packed=True, which dynamo cannot trace). Off by default:
+    on the 2-core CPU it costs ~25 s of compilation per process (cold cache) for `tiny` and is no faster than
+    packed eager (docs/BENCHMARKS.md).
     """
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
@@ -126,9 +128,13 @@ def decode(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams,
         model = packed_twin(model)  # type: ignore[assignment]
     step_forward = _compiled_forward() if compile else decode_forward
     longest = max(len(p) for p in prompts)
-    S = min(R, max(max_rows or R, n))
-    # Columns: room for the longest row plus as much slack again (a compaction every ~span steps at most).
-    L = 2 * (longest + N)
+    # Columns: room for the longest row plus half as much slack (a compaction every ≥ span/2 steps).
+    span = longest + N
+    L = span + max(8, span // 2)
+    if max_rows is None:  # every row at once, as far as the KV-cache budget allows
+        per_slot = 2 * model.config.n_layer * L * model.config.n_embd * model.lm_head.weight.element_size()
+        max_rows = max(1, int(CACHE_BUDGET_BYTES // per_slot))
+    S = min(R, max(max_rows, n))
     slots = _Slots(model, S, L, col=longest)
     out_tokens = torch.full((R, N), pad_id, dtype=torch.long, device=dev)
     out_logprobs = torch.zeros((R, N), dtype=torch.float32, device=dev)

@@ -10,6 +10,7 @@ import torch
 
 from actors.base import weights_checksum
 from actors.engines.native import NativeEngine
+from models import batching
 from models.batching import decode
 from models.config import GPTConfig
 from models.generation import SamplingParams, filter_logits, generate, sample_next, tempered_logprobs
@@ -106,6 +107,19 @@ def test_dead_slots_are_dropped_without_changing_samples() -> None:
     assert out.stats["slot_drops"] >= 1 and out.stats["slot_steps"] < out.stats["decode_steps"] * 12
     for r in range(12):
         assert out.tokens[r, :int(out.lengths[r])].tolist() == naive(model, ps[r // 2], params, int(seeds[r]))[0]
+
+
+def test_default_batch_is_capped_by_the_cache_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, ps = eos_model(), prompts()
+    params = SamplingParams(max_new_tokens=16, temperature=1.0)
+    seeds = torch.arange(len(ps) * 2)
+    everything = decode(model, ps, params, seeds=seeds, eos_id=EOS, n=2, pad_id=EOS)
+    span = max(len(p) for p in ps) + 16
+    per_slot = 2 * CFG.n_layer * (span + max(8, span // 2)) * CFG.n_embd * 4
+    monkeypatch.setattr(batching, "CACHE_BUDGET_BYTES", 5 * per_slot)
+    capped = decode(model, ps, params, seeds=seeds, eos_id=EOS, n=2, pad_id=EOS)
+    assert everything.stats["slots"] == 14 and capped.stats["slots"] == 5
+    assert capped.tokens.tolist() == everything.tokens.tolist()
 
 
 def test_group_prefix_sharing_equals_no_sharing() -> None:
