@@ -204,6 +204,19 @@ def _row(side: str, r: dict[str, Any] | str, base: dict[str, Any] | str) -> str:
             f"{r['first_s']:.2f} | {r['peak_rss_gib']:.2f} |")
 
 
+NOTES = """What the native rows do (models/batching.py, models/rng.py, models/packed.py): continuous batching at the
+row level (a row that ends leaves the batch; dead slots are dropped once a quarter of the batch is dead and nothing
+waits; with `max_rows` below the row count, waiting prompts take freed KV-cache slots), one prefill per prompt for
+its n samples, per-row counter-based sampling with no Python loop over rows, logits only for the last prompt
+position, and — the default on CPU — the decode step's matmuls with oneDNN-packed weights (2–3× faster than
+MKL sgemm on row-major weights for these skinny products on this AVX-512 CPU). The `packed=False` row isolates
+the scheduling gains. torch.compile (inductor, dynamic shapes) of the decode step is slower than packed eager and
+costs its compilation in every process: "first run s" includes it with inductor's on-disk cache warm (~25 s cold
+for `tiny`), so it stays off by default. CUDA graphs are not implemented (no GPU to test on here).
+Peak RSS = the side's own process (VmHWM); the native default also holds a packed copy of the linear weights
+(compare the packed=False row)."""
+
+
 def main() -> None:
     torch.set_num_threads(1)
     load = os.getloadavg()[0]
@@ -226,7 +239,10 @@ def main() -> None:
             )
     body = (
         "Same checkpoint directory loaded by every side, each side in its own fresh process with 1 torch thread; "
-        f"1-minute load average at the start: {load:.1f} (shared machine).\n\n" + "\n\n".join(sections)
+        f"1-minute load average at the start: {load:.1f} (shared machine). Goals (issue 12): rlhf native ≥ 2× HF "
+        "and ≥ vLLM; fixed native ≥ 1.2× HF. Speed-up = HF wall time / the row's wall time for the same workload "
+        "(the sides draw different random numbers, so their EOS-ended token counts differ slightly; tokens/s "
+        "accounts for that).\n\n" + "\n\n".join(sections) + "\n\n" + NOTES
     )
     write_section("Sampler: raygpt vs transformers generate (benchmarks/generate.py)", body)
 
