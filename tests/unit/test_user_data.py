@@ -270,3 +270,35 @@ def test_ppo_refuses_bad_prompt_file_before_writing(tmp_path: Path, ckpts: dict[
     with pytest.raises(ConfigError, match="pm.jsonl: row 1: messages: a prompt must not end with an assistant"):
         Controller(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+# --- the example configs read the example files (one config per format) ------------------------------------------
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_byod_configs_read_their_formats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs.config import load_config
+    from jobs.data.sample_data import write_samples
+    from jobs.rl.config import PPOJobConfig
+    from jobs.rm import RMConfig
+    from jobs.sft import SFTConfig
+
+    monkeypatch.chdir(tmp_path)
+    write_samples("data/byod")
+    seen = set()
+    for name, cls in (("sft-messages", SFTConfig), ("sft-prompt-completion", SFTConfig)):
+        cfg = load_config(cls, CONFIGS / f"byod-{name}.yaml")
+        task = build_task(cfg.task)
+        seen.add(task.format)
+        assert len(task.demonstrations()) > 20 and task.prompts("heldout")
+    for name in ("rm-pairwise", "rm-kwise"):
+        cfg = load_config(RMConfig, CONFIGS / f"byod-{name}.yaml")
+        comps = read_preferences(cfg.comparisons)
+        seen.add(FilesTask(cfg.comparisons).format)
+        assert len(comps) == 48 and all(c.best.startswith(" yes") for c in comps)
+        build_task(cfg.task).demonstrations()  # the normalisation demonstrations exist
+    cfg = load_config(PPOJobConfig, CONFIGS / "byod-ppo-prompts.yaml")
+    prompts = read_prompts(cfg.prompts.source)
+    seen.add(FilesTask(cfg.prompts.source).format)
+    assert len(prompts) == 48 and all(p.endswith("?\nAssistant:") for p in prompts)
+    assert seen == {"messages", "prompt-completion", "pairwise", "kwise", "prompts"}
