@@ -104,3 +104,21 @@ def test_distinct_n_hand_counted() -> None:
     assert distinct_n([["a", "b", "c"]], 3) == 1.0
     with pytest.raises(ValueError, match="n: must be >= 1"):
         distinct_n([a], 0)
+
+
+def test_dpo_config_errors_name_the_field(tmp_path: Path) -> None:
+    from jobs.config import from_dict
+    from jobs.dpo import DPOConfig, comparison_files
+
+    with pytest.raises(ConfigError, match=r"^loss: must be one of \['sigmoid', 'ipo'\]"):
+        from_dict(DPOConfig, {"loss": "hinge"})
+    with pytest.raises(ConfigError, match=r"^beta: must be > 0"):
+        from_dict(DPOConfig, {"beta": 0.0})
+    with pytest.raises(ConfigError, match=r"^comparisons: no such file or directory"):
+        comparison_files(from_dict(DPOConfig, {"comparisons": str(tmp_path / "missing")}))
+    with pytest.raises(ConfigError, match=r"^comparisons: .* has no train.parquet"):
+        comparison_files(from_dict(DPOConfig, {"comparisons": str(tmp_path)}))
+    (tmp_path / "train.parquet").touch()
+    (tmp_path / "heldout.parquet").touch()
+    assert comparison_files(from_dict(DPOConfig, {"comparisons": str(tmp_path)})) == (
+        tmp_path / "train.parquet", tmp_path / "heldout.parquet")
