@@ -33,9 +33,9 @@ from actors.base import (
 from actors.rollout import Rollout, RolloutError
 from cluster.deepspeed_engine import (
     EngineSpec,
-    build_engine,
     full_state_dict,
     global_token_scale,
+    initialize,
     load_engine,
     save_engine,
 )
@@ -107,7 +107,7 @@ class PolicyWorker(DistributedWorker):
     def setup(self, snapshot: tuple[str, str] | None = None) -> WeightsInfo:
         """Collective: build the engine from the SFT checkpoint, then restore `(directory, tag)` if given."""
         model = load_model(self.spec.checkpoint, "lm")
-        self.engine = build_engine(model, self.spec.engine)
+        self.engine = initialize(model, self.spec.engine)
         self.version = 0
         if snapshot is not None:
             self.version = int(load_engine(self.engine, *snapshot)["version"])
@@ -141,7 +141,6 @@ class PolicyWorker(DistributedWorker):
         checksum = weights_checksum(full_state_dict(self.engine))
         rollout = sample_rollout(model, prompts, row_index, seeds, self.spec.sampling, self.spec.eos_id, self.version,
                                  checksum, n=n)
-        self.fault_point()
         return meta_of(rollout), rollout
 
     def update(self, rollout: Rollout, ptx: np.ndarray | None, iteration: int, kl_coef: float = 0.0
@@ -191,7 +190,6 @@ class PolicyWorker(DistributedWorker):
                     sums["ptx_loss"] += float(ptx_loss.detach())
                 eng.backward(loss)
                 eng.step()
-                self.fault_point()  # after a step: a crash here leaves half-updated weights behind
                 for name in ("clipfrac", "clipfrac_low", "clipfrac_high", "approx_kl", "ratio", "kl"):
                     if name in m:
                         sums[name if name != "kl" else "kl_loss_term"] += float(m[name])

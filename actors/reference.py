@@ -37,5 +37,4 @@ class ReferenceWorker(DistributedWorker):
         """(meta, (B, T) log π_ref(a_t|s_t) under softmax(logits / temperature), 0 at padding, CPU float32)."""
         logits = response_logits(self.model, rollout)
         logprobs = response_logprobs(logits, rollout, self.spec.temperature).float().cpu()
-        self.fault_point()
         return score_meta(logprobs, rollout.action_mask), logprobs

@@ -185,7 +185,6 @@ class RewardWorker(DistributedWorker):
         """(meta with per-component means, (B,) float32 composed sequence rewards on CPU)."""
         parts = self.component_scores(rollout)
         scores = self.compose(parts)
-        self.fault_point()
         meta = score_meta(scores)
         means = {name: float(v.mean()) for name, v in parts.items()}
         return ScoreMeta(meta.rows, meta.mean, means), scores

@@ -68,5 +68,4 @@ class RolloutWorker(DistributedWorker):
             raise RolloutError("weight_version: the rollout worker has no weights yet (load_weights first)")
         rollout = sample_rollout(self.model, prompts, row_index, seeds, self.spec.sampling, self.spec.eos_id,
                                  self.version, self.checksum, n=n)
-        self.fault_point()
         return meta_of(rollout), rollout

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from actors.base import ScoreMeta, device, load_model, score_meta
 from actors.rollout import Rollout, RolloutError
-from cluster.deepspeed_engine import EngineSpec, build_engine, global_token_scale, load_engine, save_engine
+from cluster.deepspeed_engine import EngineSpec, global_token_scale, initialize, load_engine, save_engine
 from cluster.worker_group import DistributedWorker
 from models.losses import value_loss
 from models.seeding import derive_seed
@@ -55,7 +55,7 @@ class ValueWorker(DistributedWorker):
         From an LM checkpoint the value head starts fresh: seeding first makes that head the same in every run,
         every rank and after every restart (otherwise two runs of the same config would differ)."""
         torch.manual_seed(derive_seed(self.spec.seed, 4))
-        self.engine = build_engine(load_model(self.spec.checkpoint, "value"), self.spec.engine)
+        self.engine = initialize(load_model(self.spec.checkpoint, "value"), self.spec.engine)
         if snapshot is not None:
             load_engine(self.engine, *snapshot)
 
@@ -67,7 +67,6 @@ class ValueWorker(DistributedWorker):
         """(meta, (B, T) old values V(s_t) of a generated shard, CPU float32)."""
         self.engine.module.eval()
         values = response_values(self.engine.module, rollout).cpu()
-        self.fault_point()
         return score_meta(values, rollout.action_mask), values
 
     def update(self, rollout: Rollout, iteration: int) -> dict[str, float]:
@@ -92,7 +91,6 @@ class ValueWorker(DistributedWorker):
                 loss, m = value_loss(values, part.values.to(dev), part.returns.to(dev), mask, spec.clip_eps)
                 eng.backward(loss * global_token_scale(mask))  # token mean over all ranks' minibatch rows
                 eng.step()
-                self.fault_point()  # after a step: a crash here leaves half-updated weights behind
                 sums["vf_loss"] += float(loss.detach())
                 sums["vf_clipfrac"] += float(m["vf_clipfrac"])
                 sums["value_error"] += float(m["value_error"])

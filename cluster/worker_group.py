@@ -4,8 +4,8 @@ Start-up, as in OpenRLHF's `PPORayActorGroup`: the replicas are placed in their 
 (cluster/placement.py); rank 0 publishes a rendezvous address and every rank joins one `torch.distributed`
 world with it. On the embedded single-machine cluster the address is a FileStore file
 (`file:///…/store-<uuid>`) — torch's TCPStore binds every interface whatever host it is given, a file binds
-nothing (ENVIRONMENT.md); on a multi-node cluster rank 0 publishes `tcp://<its node ip>:<free port>`.
-gloo on CPU, nccl on GPU.
+nothing (docs/ARCHITECTURE.md, "Networking"); on a multi-node cluster rank 0 publishes
+`tcp://<its node ip>:<free port>`. gloo on CPU, nccl on GPU.
 
 Failure: actors are created with `max_restarts`, so Ray restarts a crashed independent replica by itself and
 `ready()` waits for it. A DP world cannot continue with a member missing (its collectives would hang), so
@@ -14,7 +14,8 @@ fresh rendezvous. Reloading state is the caller's business (it knows the last we
 
 Worker classes stay plain Python; `ray.remote` is applied here, when the job wires the cluster. Role groups
 subclass `WorkerGroup` with explicit typed methods (`ValueGroup.compute_values(shards)`), never method names as
-strings.
+strings. Fault injection (cluster/faults.py) is applied here too, and only when asked for: `faults=("update",)`
+wires the role class wrapped by `instrument_actor`, and `arm_fault` arms one replica's next call of that method.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
+from cluster.faults import instrument_actor
 from cluster.placement import PlacementSpec, actor_options
 
 Rendezvous = Literal["file", "tcp"]
@@ -43,29 +45,14 @@ class DistributedWorker:
     role: str = "worker"
     rank: int = 0
     world_size: int = 1
-    _fault_dir: str | None = None
 
-    def prepare(self, threads: int, fault_dir: str | None = None) -> int:
+    def prepare(self, threads: int) -> int:
         """Set torch's intra-op threads (one actor per fraction of a core must not spawn a thread per core, and a
         fixed count keeps CPU reductions bitwise reproducible across layouts); returns the process id."""
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self._fault_dir = fault_dir
         return os.getpid()
-
-    def fault_point(self) -> None:
-        """Chaos hook for fault-tolerance tests and demos: if the controller armed a crash for this role (a marker
-        file `<fault_dir>/<role>`), rank 0 claims it and ends its process on the spot — mid-call, with no cleanup,
-        the way an OOM kill or a segfault would (`os._exit`). Unlinking is the claim, so one arming = one crash,
-        and the restarted process does not crash again."""
-        if self._fault_dir is None or self.rank != 0:
-            return
-        try:
-            (Path(self._fault_dir) / self.role).unlink()
-        except FileNotFoundError:
-            return
-        os._exit(1)
 
     def rendezvous(self, kind: Rendezvous, directory: str) -> str:
         """Rank 0 publishes the address the world meets at (see the module docstring)."""
@@ -101,7 +88,7 @@ class WorkerGroup(Generic[W]):
 
     def __init__(self, role: str, worker_cls: type[W], config: Any, spec: PlacementSpec, pools: dict[str, Any], *,
                  distributed: bool, rendezvous: Rendezvous = "file", rendezvous_dir: str | Path = ".tmp/rendezvous",
-                 max_restarts: int = 3, timeout_s: float = 300.0, fault_dir: str | None = None) -> None:
+                 max_restarts: int = 3, timeout_s: float = 300.0, faults: Collection[str] = ()) -> None:
         import ray
 
         if role not in spec.roles or spec.roles[role].replicas < 1:
@@ -111,10 +98,10 @@ class WorkerGroup(Generic[W]):
         self.rendezvous_kind = rendezvous
         self.rendezvous_dir = str(Path(rendezvous_dir).resolve())
         self.timeout_s = timeout_s
-        self.fault_dir = fault_dir
+        self.faults = frozenset(faults)
         rs = spec.roles[role]
         self.threads = max(1, int(rs.cpus))
-        remote_cls = ray.remote(worker_cls)
+        remote_cls = ray.remote(instrument_actor(worker_cls, self.faults) if self.faults else worker_cls)
         self._options = [dict(actor_options(spec, pools, role, i), max_restarts=max_restarts, max_task_retries=0)
                          for i in range(rs.replicas)]
         self._new = lambda i: remote_cls.options(**self._options[i]).remote(config, rank=i, world_size=rs.replicas)
@@ -124,7 +111,7 @@ class WorkerGroup(Generic[W]):
         # Construction proceeds in the background; `ready()` waits. The controller creates every group first and
         # then waits, so all roles load their models in parallel.
         self.actors = [self._new(i) for i in range(len(self._options))]
-        self._pending = [a.prepare.remote(self.threads, self.fault_dir) for a in self.actors]
+        self._pending = [a.prepare.remote(self.threads) for a in self.actors]
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -136,7 +123,7 @@ class WorkerGroup(Generic[W]):
         import ray
         from ray.exceptions import ActorUnavailableError
 
-        pending = self._pending or [a.prepare.remote(self.threads, self.fault_dir) for a in self.actors]
+        pending = self._pending or [a.prepare.remote(self.threads) for a in self.actors]
         self._pending = []
         deadline = time.monotonic() + self.timeout_s
         pids: list[int] = []
@@ -149,7 +136,7 @@ class WorkerGroup(Generic[W]):
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.2)
-                    ref = self.actors[i].prepare.remote(self.threads, self.fault_dir)
+                    ref = self.actors[i].prepare.remote(self.threads)
         if self.distributed:
             address = self.get(self.actors[0].rendezvous.remote(self.rendezvous_kind, self.rendezvous_dir))
             self.get([a.join_world.remote(address, self.timeout_s) for a in self.actors])
@@ -168,6 +155,13 @@ class WorkerGroup(Generic[W]):
             ray.kill(a, no_restart=True)
         self._spawn()
         return self.ready()
+
+    def arm_fault(self, method: str, after_engine_steps: int | None = None, replica: int = 0) -> None:
+        """Fault injection: replica `replica` exits in its next call of `method` (cluster/faults.py). Waits until
+        the replica is armed, so a call submitted afterwards is the one that crashes."""
+        if method not in self.faults:
+            raise ValueError(f"{self.role}: {method} is not instrumented for faults (faults={sorted(self.faults)})")
+        self.get(self.actors[replica].arm_fault.remote(method, after_engine_steps))
 
     def shutdown(self) -> None:
         import ray

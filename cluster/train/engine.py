@@ -2,8 +2,10 @@
 
 A job supplies a model and a per-micro-batch loss; the engine supplies everything else — the Ray Train launch,
 the torch.distributed world (FileStore rendezvous on one machine), the DP × TP × PP topology, the DeepSpeed
-engine (ZeRO 0–3, gradient accumulation, clipping, AdamW, warmup + cosine LR; fp32 on CPU, bf16 on GPU),
-exact-resume checkpoints through `ray.train.report`, and the export of the final model as an HF GPT-2 directory.
+engine (cluster/deepspeed_engine.py, the layer the PPO actors use too: ZeRO 0–3, gradient accumulation,
+clipping, AdamW with decay on matrices only, warmup + cosine LR; fp32 on CPU, bf16 on GPU), exact-resume
+checkpoints through `ray.train.report`, and the export of the final model as an HF GPT-2 directory. Config
+sections live in cluster/train/config.py and are re-exported here.
 
 Driver side (the job's `run(cfg)`):
 
@@ -16,7 +18,8 @@ Worker side (`train_loop(loop_config)`, runs on every rank):
 
     ctx = init_worker(parallel, seed)                  # topology, TP/DP/PP groups, device, threads, seeds
     model = GPT(model_cfg)                             # same seed on every rank → identical initial weights
-    engine = build_engine(model, optim, parallel, ctx, resume_from=cfg.checkpoint.resume_from)
+    engine = build_engine(model, optim, parallel, ctx, resume_from=cfg.checkpoint.resume_from,
+                          faults=cfg.failure.plan(run_dir))   # failure.inject / failure.hold, if any
     # engine.state.step is 0, or the restored step (Ray's latest checkpoint after a failure, else resume_from)
     for step in range(engine.state.step, optim.max_steps):
         batch = {...}                                  # this DP rank's (micro_batch_size · grad_accum) rows
@@ -24,7 +27,7 @@ Worker side (`train_loop(loop_config)`, runs on every rank):
         engine.report(metrics, checkpoint=due)         # every rank saves, barrier, ray.train.report
     engine.export(run_dir / "checkpoint", tokenizer=...)   # gathers ZeRO-3 shards / TP shards / pipeline stages
 
-`Engine` wraps the DeepSpeed engine (`engine.ds`) and forwards unknown attributes to it, so
+`TrainEngine` wraps the DeepSpeed engine (`engine.ds`) and forwards unknown attributes to it, so
 `engine.backward(loss)`, `engine.step()`, `engine.module` work as on a DeepSpeed engine.
 
 Loss functions. `loss_fn(model, micro_batch) -> (loss, metrics)` where `model` is callable like the wrapped
@@ -53,157 +56,31 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from models.config import ConfigError, field
+from cluster.deepspeed_engine import EngineSpec, OptimConfig, load_engine, save_engine
+from cluster.deepspeed_engine import full_state_dict as ds_full_state_dict
+from cluster.faults import FaultPlan
+from cluster.train.config import (
+    STATE_FILE,
+    CheckpointConfig,
+    FailureConfig,
+    FineTuneParallelConfig,
+    ParallelConfig,
+)
+from models.config import ConfigError
+
+# The job modules import the whole training API from here: the config sections are re-exported.
+__all__ = ["OptimConfig", "ParallelConfig", "FineTuneParallelConfig", "CheckpointConfig", "FailureConfig",
+           "WorkerContext", "init_worker", "TrainState", "TrainEngine", "build_engine", "lm_loss_fn", "launch",
+           "flops_per_token", "measure_peak_flops", "perplexity"]
 
 Batch = dict[str, Tensor]
 LossFn = Callable[[Any, Batch], tuple[Tensor, dict[str, Tensor]]]
-STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
-
-
-# --- typed config sections ------------------------------------------------------------------------------------
-@dataclass
-class OptimConfig:
-    """AdamW + warmup/cosine schedule + batch shape (per data-parallel rank)."""
-
-    lr: float = field(6e-4, help="peak learning rate (after warmup)")
-    min_lr_ratio: float = field(0.1, help="cosine decays to lr·min_lr_ratio at max_steps (GPT-3 §B: 10%)")
-    warmup_steps: int = field(10, help="linear warmup over this many optimizer steps")
-    max_steps: int = field(100, help="optimizer steps in the run (the cosine reaches its floor here)")
-    weight_decay: float = field(0.1, help="AdamW decoupled weight decay on matrices (not biases/LayerNorm)")
-    betas: list[float] = field([0.9, 0.95], help="AdamW (beta1, beta2)")
-    eps: float = field(1e-8, help="AdamW epsilon")
-    grad_clip: float = field(1.0, help="clip the global gradient norm to this (0 = off)")
-    micro_batch_size: int = field(8, help="sequences per micro-batch per data-parallel rank")
-    grad_accum: int = field(1, help="micro-batches accumulated per optimizer step (pipeline: micro-batches in flight)")
-
-    def validate(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if self.max_steps < 1:
-            raise ConfigError(f"max_steps: must be ≥ 1, got {self.max_steps}")
-        if not 0 <= self.warmup_steps <= self.max_steps:
-            raise ConfigError(f"warmup_steps: must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"betas: need two values in [0, 1), got {self.betas}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
-            raise ConfigError("weight_decay/grad_clip/eps: must be ≥ 0 (eps > 0)")
-        for name in ("micro_batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
-
-
-@dataclass
-class ParallelConfig:
-    """Workers and the DP × TP × PP layout (world = num_workers = data · tensor · pipeline)."""
-
-    num_workers: int = field(1, help="Ray Train workers = torch.distributed world size (max when elastic)")
-    min_workers: int | None = field(None, help="elastic: Ray Train may run with min_workers..num_workers "
-                                               "(data parallel only; tensor = pipeline = 1)")
-    elastic_interval_s: float = field(60.0, help="elastic: how often Ray Train checks whether the worker group "
-                                                 "can grow (it restarts from the latest checkpoint to do so)")
-    use_gpu: bool = field(False, help="one GPU per worker, nccl, bf16 (CPU: gloo, fp32)")
-    cpus_per_worker: int = field(1, help="CPUs reserved per worker = torch threads per worker on CPU")
-    tensor: int = field(1, help="tensor-parallel degree (Megatron column/row-parallel layers)")
-    pipeline: int = field(1, help="pipeline stages (DeepSpeed PipelineModule; grad_accum micro-batches in flight)")
-    pipeline_partition: str = field("parameters", help="pipeline stage balance: 'parameters', 'uniform' "
-                                                       "(layers) or 'type:Block'")
-    zero_stage: int = field(1, help="DeepSpeed ZeRO stage 0-3 (2 and 3 are refused with pipeline > 1)")
-    precision: Literal["auto", "fp32", "bf16"] = field("auto", help="auto = bf16 on GPU, fp32 on CPU")
-    rendezvous: Literal["auto", "file", "tcp"] = field(
-        "auto", help="torch.distributed rendezvous: auto = FileStore on a one-node cluster, else TCPStore")
-
-    def validate(self) -> None:
-        if self.num_workers < 1:
-            raise ConfigError(f"num_workers: must be ≥ 1, got {self.num_workers}")
-        if self.cpus_per_worker < 1:
-            raise ConfigError(f"cpus_per_worker: must be ≥ 1, got {self.cpus_per_worker}")
-        if self.tensor < 1 or self.pipeline < 1:
-            raise ConfigError(f"tensor/pipeline: must be ≥ 1, got {self.tensor}/{self.pipeline}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.pipeline > 1 and self.zero_stage > 1:
-            raise ConfigError(
-                f"zero_stage: ZeRO-{self.zero_stage} cannot be combined with pipeline={self.pipeline} (DeepSpeed "
-                "refuses ZeRO-2/3 with pipeline parallelism: gradients and parameters would be partitioned "
-                "across data-parallel ranks while stages exchange activations); use zero_stage 0 or 1")
-        if self.precision == "bf16" and not self.use_gpu:
-            pass  # allowed: bf16 works on CPU, only slower (docs/PRETRAIN.md)
-        if self.num_workers % (self.tensor * self.pipeline):
-            raise ConfigError(
-                f"num_workers: world size {self.num_workers} is not divisible by tensor × pipeline = "
-                f"{self.tensor} × {self.pipeline} = {self.tensor * self.pipeline}")
-        if self.min_workers is not None:
-            if not 1 <= self.min_workers <= self.num_workers:
-                raise ConfigError(f"min_workers: must be in [1, num_workers={self.num_workers}], got "
-                                  f"{self.min_workers}")
-            if self.min_workers < self.num_workers and (self.tensor > 1 or self.pipeline > 1):
-                raise ConfigError("min_workers: elastic training is data-parallel only (tensor = pipeline = 1); "
-                                  "a changing world would break the tensor/pipeline layout")
-
-    @property
-    def elastic(self) -> bool:
-        return self.min_workers is not None and self.min_workers < self.num_workers
-
-    def data_parallel(self, world_size: int | None = None) -> int:
-        return (world_size or self.num_workers) // (self.tensor * self.pipeline)
-
-    def check_model(self, cfg: Any) -> None:
-        """Model shape vs layout (`cfg` a models.config.GPTConfig): every rule that would otherwise fail inside
-        a worker, raised here as ConfigError naming the field."""
-        tp = self.tensor
-        if tp > 1:
-            if cfg.n_head % tp:
-                raise ConfigError(f"parallel.tensor: model n_head={cfg.n_head} is not divisible by tensor={tp} "
-                                  "(tensor parallelism splits attention by heads)")
-            if cfg.inner_dim % tp:
-                raise ConfigError(f"parallel.tensor: MLP width {cfg.inner_dim} is not divisible by tensor={tp}")
-            if cfg.vocab_size % tp:
-                raise ConfigError(f"parallel.tensor: vocab_size={cfg.vocab_size} is not divisible by tensor={tp} "
-                                  "(the embedding and LM head are split by vocabulary rows)")
-        if self.pipeline > cfg.n_layer:
-            raise ConfigError(f"parallel.pipeline: {self.pipeline} stages but the model has only "
-                              f"{cfg.n_layer} layers")
-
-
-@dataclass
-class FineTuneParallelConfig(ParallelConfig):
-    """The engine's layout section defaulting to 2 data-parallel workers (one per core of the CPU default)."""
-
-    num_workers: int = field(2, help="Ray Train workers = torch.distributed world size (max when elastic)")
-
-
-@dataclass
-class CheckpointConfig:
-    """Exact-resume checkpoints (DeepSpeed state + RNG + data position) through Ray Train."""
-
-    every_n_steps: int = field(50, help="save a checkpoint every N optimizer steps (and at the end)")
-    keep: int = field(2, help="checkpoints kept by Ray Train (older ones are deleted)")
-    resume_from: str | None = field(None, help="a checkpoint directory of an earlier run "
-                                               "(runs/<name>/trainer_state/step-…) to continue from")
-
-    def validate(self) -> None:
-        if self.every_n_steps < 1:
-            raise ConfigError(f"every_n_steps: must be ≥ 1, got {self.every_n_steps}")
-        if self.keep < 1:
-            raise ConfigError(f"keep: must be ≥ 1, got {self.keep}")
-        if self.resume_from is not None and not (Path(self.resume_from) / STATE_FILE).is_file():
-            raise ConfigError(f"resume_from: {self.resume_from} is not a raygpt checkpoint (no {STATE_FILE})")
-
-
-@dataclass
-class FailureConfig:
-    """Worker fault tolerance."""
-
-    max_failures: int = field(1, help="restart from the latest checkpoint this many times after a worker "
-                                      "failure (-1 = forever)")
 
 
 # --- worker setup ---------------------------------------------------------------------------------------------
@@ -299,36 +176,6 @@ def _pipe_lm_loss(logits: Tensor, labels: Tensor | tuple[Tensor, ...]) -> Tensor
     return lm_loss(logits, labels)
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # Decay matrices only (GPT-3 §B / nanoGPT): biases and LayerNorm gains are not decayed.
-    seen, decay, no_decay = set(), [], []
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def deepspeed_config(optim: OptimConfig, parallel: ParallelConfig, dp_size: int, bf16: bool,
-                     load_universal: bool = False) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": parallel.zero_stage}
-    if parallel.zero_stage == 3:
-        zero["stage3_param_persistence_threshold"] = 0  # partition every parameter (what ZeRO-3 promises)
-    return {
-        "train_micro_batch_size_per_gpu": optim.micro_batch_size,
-        "gradient_accumulation_steps": optim.grad_accum,
-        "train_batch_size": optim.micro_batch_size * optim.grad_accum * dp_size,
-        "gradient_clipping": optim.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer (ENVIRONMENT.md)
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": load_universal},
-    }
-
-
 def _ray_checkpoint_dir(resume_from: str | None) -> tuple[Any, str | None]:
     """(Ray checkpoint or None, local directory or None): Ray's latest checkpoint of this run wins (a restart
     after a failure), else `resume_from`."""
@@ -340,7 +187,7 @@ def _ray_checkpoint_dir(resume_from: str | None) -> tuple[Any, str | None]:
     return None, resume_from
 
 
-class Engine:
+class TrainEngine:
     """A DeepSpeed engine plus the state a resume needs; see the module docstring."""
 
     def __init__(self, ds: Any, ctx: WorkerContext, optim: OptimConfig, model_cls: type, model_cfg: Any,
@@ -436,7 +283,7 @@ class Engine:
     def save(self, directory: str | Path) -> None:
         """Collective: DeepSpeed state + this rank's RNG (+ trainer_state.json on rank 0) into `directory`."""
         directory = Path(directory)
-        self.ds.save_checkpoint(str(directory), tag=DS_TAG)
+        save_engine(self.ds, directory, DS_TAG)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and self.ctx.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
@@ -478,8 +325,7 @@ class Engine:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _load(self, directory: Path, saved: dict[str, Any]) -> None:
-        self.ds.load_checkpoint(str(directory), tag=DS_TAG, load_optimizer_states=True,
-                                load_lr_scheduler_states=True)
+        load_engine(self.ds, directory, DS_TAG)
         same_world = saved.get("world_size") == self.ctx.world_size
         rng_file = directory / f"rng-{self.ctx.rank:05d}.pt"
         if same_world and rng_file.is_file():
@@ -508,19 +354,11 @@ class Engine:
         return merged
 
     def _local_full_params(self) -> dict[str, Tensor]:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        module = self.ds.module
-        sd: dict[str, Tensor] = {}
-        for name, p in module.named_parameters():
-            full = safe_get_full_fp32_param(p)  # collective under ZeRO; None for plain (ZeRO-0 fp32) params
-            sd[name] = (full if full is not None else p.detach()).float().cpu().clone()
-        for name, b in module.named_buffers():
-            sd[name] = b.detach().float().cpu().clone()
+        sd = ds_full_state_dict(self.ds, remove_duplicate=True)  # ZeRO fp32 master weights of this shard/stage
         if self.pipeline:
             from models.pipeline import stage_state_dict
 
-            sd = stage_state_dict(module, sd)
+            sd = stage_state_dict(self.ds.module, sd)
         if self.ctx.topology.tp > 1:
             from models.parallel import gather_state_dict
 
@@ -564,17 +402,17 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig, ctx: WorkerContext,
-                 resume_from: str | None = None) -> Engine:
+                 resume_from: str | None = None, faults: FaultPlan | None = None) -> TrainEngine:
     """DeepSpeed engine for `model` (a GPT, or any module with `.config`; pipeline only for GPT), restored from
-    Ray's latest checkpoint of this run (after a failure) or from `resume_from`. Call on every rank."""
-    import deepspeed
+    Ray's latest checkpoint of this run (after a failure) or from `resume_from`. Call on every rank.
 
-    from cluster.deepspeed_engine import skip_cpu_jit_ops
-    from models.schedules import warmup_cosine
+    `faults` (from `FailureConfig.plan(run_dir)`): when non-empty, the engine's `train_step` is wrapped with the
+    planned crashes/holds of this worker (cluster/faults.py); otherwise nothing is wrapped."""
+    from cluster.deepspeed_engine import adopt_process_group, initialize
+    from cluster.faults import instrument_engine
 
-    skip_cpu_jit_ops()
-    # Adopt the process group Ray Train created (PipelineModule needs deepspeed.comm before initialize).
-    deepspeed.init_distributed(dist_backend="nccl" if parallel.use_gpu else "gloo")
+    # deepspeed.comm must wrap Ray Train's process group before PipelineModule is built.
+    adopt_process_group()
     model_cls, model_cfg = type(model), model.config
     parallel.check_model(model_cfg)
 
@@ -596,18 +434,12 @@ def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig,
 
         model = to_pipeline(model, ctx.topology, _pipe_lm_loss, ctx.parallel.pipeline_partition,
                             tp_group=ctx.groups.tp_group if ctx.topology.tp > 1 else None)
-    bf16 = parallel.precision == "bf16" or (parallel.precision == "auto" and parallel.use_gpu)
     model.to(ctx.device)
-    opt = torch.optim.AdamW(_param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
-                            eps=optim.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, 1.0, optim.warmup_steps, optim.max_steps, optim.min_lr_ratio))
-    ds, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, mpu=ctx.groups if not pipeline else None,
-        config=deepspeed_config(optim, parallel, ctx.dp_size, bf16, load_universal))
+    spec = EngineSpec(optim, zero_stage=parallel.zero_stage, precision=parallel.precision)
+    ds = initialize(model, spec, dp_size=ctx.dp_size, use_gpu=parallel.use_gpu,
+                    mpu=ctx.groups if not pipeline else None, load_universal=load_universal)
     torch.manual_seed(_dropout_seed(ctx.seed, ctx.dp_rank, ctx.groups.pipe_rank))
-    state = TrainState()
-    engine = Engine(ds, ctx, optim, model_cls, model_cfg, state, pipeline)
+    engine = TrainEngine(ds, ctx, optim, model_cls, model_cfg, TrainState(), pipeline)
     if saved is not None:
         engine._load(Path(restore_dir), saved)
         engine.state = TrainState(step=saved["step"], tokens=saved["tokens"], samples=saved["samples"],
@@ -620,6 +452,8 @@ def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig,
         dist.barrier()  # everyone has loaded: the converted copy can go
         if converter:
             shutil.rmtree(restore_dir, ignore_errors=True)
+    if faults:
+        instrument_engine(engine, faults, ctx.rank, ctx.dp_size)
     return engine
 
 
@@ -655,11 +489,11 @@ def _to_universal(directory: str, ctx: WorkerContext) -> tuple[str, bool]:
     Ray node (by its lowest rank) into node-local temp space; returns (directory to load with `load_universal`,
     whether this rank converted it and so removes it after loading)."""
     import hashlib
-    import subprocess
-    import sys
 
     import ray
     import torch.distributed as dist
+
+    from cluster.deepspeed_engine import convert_to_universal
 
     node = ray.get_runtime_context().get_node_id()
     nodes: list[Any] = [None] * ctx.world_size
@@ -670,13 +504,7 @@ def _to_universal(directory: str, ctx: WorkerContext) -> tuple[str, bool]:
     if converter:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               str(Path(directory) / DS_TAG), "--output_folder", str(out / DS_TAG),
-                               "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"checkpoint {directory}: conversion to a universal checkpoint failed:\n"
-                               f"{proc.stderr[-2000:]}")
+        convert_to_universal(Path(directory) / DS_TAG, out / DS_TAG)
     dist.barrier()
     return str(out), converter
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cluster.train.engine import ParallelConfig
-from jobs.config import ConfigError
+from cluster.train.config import ParallelConfig
+from models.config import ConfigError
 
 
 def _single_node() -> bool:

@@ -14,7 +14,8 @@ from actors.reference import ReferenceSpec
 from actors.reward import RewardComponent, RewardSpec
 from actors.rollout_worker import RolloutWorkerSpec
 from actors.value import ValueSpec
-from cluster.deepspeed_engine import EngineSpec
+from cluster.deepspeed_engine import EngineSpec, OptimConfig
+from cluster.faults import ActorFault
 from cluster.placement import PlacementConfig, PlacementError, PlacementSpec
 from jobs.config import ConfigError, field
 from jobs.data.tasks import TaskConfig
@@ -48,7 +49,8 @@ class PPOConfig:
     whiten_advantages: bool = field(True, help="normalise advantages over the whole batch")
     policy_lr: float = field(2e-5, help="policy AdamW learning rate")
     value_lr: float = field(1e-5, help="value AdamW learning rate")
-    weight_decay: float = field(0.0, help="AdamW weight decay (policy and value)")
+    weight_decay: float = field(0.0, help="AdamW weight decay of policy and value (matrices only, as in every "
+                                          "engine: cluster/deepspeed_engine.py)")
     grad_clip: float = field(1.0, help="gradient-norm clip (0 = off)")
     zero_stage: int = field(0, help="DeepSpeed ZeRO stage of policy and value (0-3; 3 needs rollout workers)")
     precision: Literal["auto", "fp32", "bf16"] = field("auto", help="auto = bf16 on GPU, fp32 on CPU")
@@ -123,9 +125,14 @@ class FaultConfig:
     max_restarts: int = field(3, help="Ray restarts allowed per actor")
     max_stage_retries: int = field(2, help="times a stage is resubmitted after its workers were restarted")
     stage_timeout_s: float = field(600.0, help="longest wait for any stage; a hung worker counts as failed")
-    inject: list[str] = field([], help="fault injection for tests/demos: 'role:iteration:stage' makes replica 0 of "
-                                       "role exit mid-call in that stage (generate: policy|rollout; score: "
+    inject: list[str] = field([], help="chaos: 'role:iteration:stage' makes replica 0 of role exit (os._exit) in its "
+                                       "call of that stage of that iteration (0-based), after the work — for update "
+                                       "after its first optimizer step (generate: policy|rollout; score: "
                                        "reference|reward|value; update: policy|value)")
+
+    def validate(self) -> None:
+        for item in self.inject:
+            parse_fault(item)
 
 
 @dataclass
@@ -215,8 +222,6 @@ class PPOJobConfig:
             raise ConfigError(f"ppo.zero_stage: must be 0-3, got {self.ppo.zero_stage}")
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints: must be >= 1 (fault recovery reloads the latest)")
-        for item in self.fault.inject:
-            parse_fault(item)
 
     # --- derived ----------------------------------------------------------------------------------------------
     @property
@@ -295,8 +300,10 @@ class PPOJobConfig:
         return Path(self.runs_root) / self.name
 
 
-STAGE_ROLES = {"generate": ("policy", "rollout"), "score": ("reference", "reward", "value"),
-               "update": ("policy", "value")}
+# stage → role → the worker method that runs it: what `fault.inject` arms (cluster/faults.py).
+STAGE_METHODS = {"generate": {"policy": "generate", "rollout": "generate"},
+                 "score": {"reference": "compute_logprobs", "reward": "score", "value": "compute_values"},
+                 "update": {"policy": "update", "value": "update"}}
 
 
 def check_importable(path: str, field_name: str) -> None:
@@ -313,14 +320,9 @@ def check_importable(path: str, field_name: str) -> None:
         raise ConfigError(f"{field_name}: {path!r} is not callable")
 
 
-def parse_fault(item: str) -> tuple[str, int, str]:
-    """'role:iteration:stage' → (role, iteration, stage); the role must take part in that stage."""
-    parts = item.split(":")
-    if len(parts) != 3 or parts[2] not in STAGE_ROLES or parts[0] not in STAGE_ROLES[parts[2]] \
-            or not parts[1].isdigit():
-        raise ConfigError(f"fault.inject: {item!r} is not 'role:iteration:stage' with a role of that stage "
-                          f"({STAGE_ROLES})")
-    return parts[0], int(parts[1]), parts[2]
+def parse_fault(item: str) -> ActorFault:
+    """'role:iteration:stage' → the planned fault; the role must take part in that stage."""
+    return ActorFault.parse(item, STAGE_METHODS)
 
 
 def abspath(p: str | None) -> str | None:
@@ -340,10 +342,14 @@ class RoleSpecs:
 def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: int, n_value: int) -> RoleSpecs:
     s = sampling = cfg.sampling
     p = cfg.ppo
+
+    def engine(lr: float, replicas: int) -> EngineSpec:  # constant LR; one optimizer step per minibatch
+        optim = OptimConfig.constant(lr, weight_decay=p.weight_decay, grad_clip=p.grad_clip,
+                                     micro_batch_size=p.minibatch_size // replicas)
+        return EngineSpec(optim, zero_stage=p.zero_stage, precision=p.precision)
+
     n_value = max(n_value, 1)  # a critic-free algorithm starts no value role; its spec is never used
-    engine = dict(weight_decay=p.weight_decay, zero_stage=p.zero_stage, grad_clip=p.grad_clip, precision=p.precision)
-    policy_engine = EngineSpec(lr=p.policy_lr, micro_batch_size=p.minibatch_size // n_policy, **engine)
-    value_engine = EngineSpec(lr=p.value_lr, micro_batch_size=p.minibatch_size // n_value, **engine)
+    policy_engine, value_engine = engine(p.policy_lr, n_policy), engine(p.value_lr, n_value)
     policy_dir = abspath(cfg.policy) or ""
     components = cfg.reward_components()
     models = [c.checkpoint for c in components if c.checkpoint is not None]

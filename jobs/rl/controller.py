@@ -34,6 +34,7 @@ from actors.base import RolloutMeta, ScoreMeta
 from actors.groups import PolicyGroup, PromptShard, ReferenceGroup, RewardGroup, RolloutGroup, ValueGroup
 from actors.policy import UpdateResult, WeightsInfo, n_steps
 from actors.rollout import Rollout, finalize
+from cluster.faults import ActorFault
 from cluster.metrics import MetricsWriter, read_metrics
 from cluster.placement import create_pools, remove_pools
 from cluster.runtime import init_ray, is_embedded
@@ -138,15 +139,13 @@ class Controller:
         self.kl = (AdaptiveKLController(cfg.kl.init_beta, cfg.kl.target, cfg.kl.horizon)
                    if cfg.kl.controller == "adaptive" else FixedKLController(cfg.kl.init_beta))
         self.faults = [parse_fault(f) for f in cfg.fault.inject]
-        for role, _, _ in self.faults:
-            if role == "rollout" and self.generator_role != "rollout":
-                raise ConfigError("fault.inject: role 'rollout' has no replicas in this placement")
-            if role == "value" and not self.n_value:
-                raise ConfigError(f"fault.inject: algorithm {cfg.algorithm} places no value role")
-        self.fired: set[tuple[str, int, str]] = set()
+        if any(f.role == "rollout" for f in self.faults) and self.generator_role != "rollout":
+            raise ConfigError("fault.inject: role 'rollout' has no replicas in this placement")
+        if any(f.role == "value" for f in self.faults) and not self.n_value:
+            raise ConfigError(f"fault.inject: algorithm {cfg.algorithm} places no value role")
+        self.fired: set[ActorFault] = set()
         self.run_dir = cfg.run_dir()
         self.state_dir = self.run_dir / "trainer_state"
-        self.fault_dir = self.run_dir / ".faults"
         self.start_iteration = 0
         self.tag: str | None = None  # checkpoint the workers reload on failure (None: their initial checkpoints)
         self.recoveries = 0
@@ -156,7 +155,6 @@ class Controller:
     # --- run directory / resume -------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
         cfg = self.cfg
-        shutil.rmtree(self.fault_dir, ignore_errors=True)  # never inherit an armed crash
         latest = self.state_dir / "latest"
         if cfg.resume:
             if not latest.is_file():
@@ -198,20 +196,28 @@ class Controller:
                                   name_prefix=f"ppo-{self.cfg.name}")
         kw = dict(rendezvous="file" if is_embedded(self.cfg.address) else "tcp",
                   rendezvous_dir=str(self.run_dir / ".rendezvous"), max_restarts=self.cfg.fault.max_restarts,
-                  timeout_s=self.cfg.fault.stage_timeout_s,
-                  fault_dir=str(self.fault_dir.resolve()) if self.faults else None)
+                  timeout_s=self.cfg.fault.stage_timeout_s)
+
+        def faults(role: str) -> set[str]:  # the methods fault.inject will arm on this role (usually none)
+            return {f.method for f in self.faults if f.role == role}
+
         s = self.specs
         self.groups: dict[str, Any] = {}
         try:
-            self.policy = self.groups["policy"] = PolicyGroup(s.policy, self.spec, self.pools, **kw)
-            self.reference = self.groups["reference"] = ReferenceGroup(s.reference, self.spec, self.pools, **kw)
-            self.reward = self.groups["reward"] = RewardGroup(s.reward, self.spec, self.pools, **kw)
+            self.policy = self.groups["policy"] = PolicyGroup(s.policy, self.spec, self.pools,
+                                                              faults=faults("policy"), **kw)
+            self.reference = self.groups["reference"] = ReferenceGroup(s.reference, self.spec, self.pools,
+                                                                       faults=faults("reference"), **kw)
+            self.reward = self.groups["reward"] = RewardGroup(s.reward, self.spec, self.pools,
+                                                              faults=faults("reward"), **kw)
             self.value = None
             if self.n_value:
-                self.value = self.groups["value"] = ValueGroup(s.value, self.spec, self.pools, **kw)
+                self.value = self.groups["value"] = ValueGroup(s.value, self.spec, self.pools,
+                                                               faults=faults("value"), **kw)
             self.rollout = None
             if self.generator_role == "rollout":
-                self.rollout = self.groups["rollout"] = RolloutGroup(s.rollout, self.spec, self.pools, **kw)
+                self.rollout = self.groups["rollout"] = RolloutGroup(s.rollout, self.spec, self.pools,
+                                                                     faults=faults("rollout"), **kw)
             t0 = time.perf_counter()
             for g in self.groups.values():
                 g.ready()
@@ -233,8 +239,7 @@ class Controller:
             except Exception:  # noqa: BLE001 - best effort on the way out; the pools are removed next
                 pass
         remove_pools(getattr(self, "pools", {}))
-        for scratch in (self.run_dir / ".rendezvous", self.fault_dir):  # FileStore files, unclaimed fault markers
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(self.run_dir / ".rendezvous", ignore_errors=True)  # FileStore files
         self.metrics.close()
         if getattr(self, "_started_ray", False):
             import ray
@@ -300,13 +305,12 @@ class Controller:
 
         t0 = time.perf_counter()
         for fault in self.faults:  # arm before submitting: the worker crashes inside this stage's call
-            role, at, where = fault
-            if (at, where) == (it, stage) and fault not in self.fired and role in calls:
+            if (fault.iteration, fault.stage) == (it, stage) and fault not in self.fired and fault.role in calls:
                 self.fired.add(fault)
-                print(f"[ppo] fault injection: {role}[0] will exit mid-call during {stage} of iteration {it}",
+                print(f"[ppo] fault injection: {fault.role}[0] will exit mid-call during {stage} of iteration {it}",
                       flush=True)
-                self.fault_dir.mkdir(parents=True, exist_ok=True)
-                (self.fault_dir / role).touch()
+                # An update dies right after its first optimizer step, leaving half-updated weights behind.
+                self.groups[fault.role].arm_fault(fault.method, after_engine_steps=1 if stage == "update" else None)
         submitted = {role: call() for role, call in calls.items()}
         if during is not None:
             during()

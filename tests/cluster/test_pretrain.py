@@ -9,8 +9,9 @@ normalisation amplifies last-bit differences in near-zero gradients).
 Runs (each ~25–35 s on 2 cores) serve several assertions each:
 - TP=2: losses + exported weights = reference; the exported directory loads in transformers with equal logits.
 - PP=2: losses + exported weights (stages gathered, tied embedding) = reference.
-- ZeRO-3 × DP=2 with rank 1 raising before step 5: Ray Train restarts from the step-3 checkpoint; losses,
-  weights and token count = the uninterrupted reference; every step appears once in metrics.jsonl.
+- ZeRO-3 × DP=2 with rank 1 exiting (os._exit, `failure.inject: ["1:5"]`) during step 5: Ray Train restarts
+  from the step-3 checkpoint; losses, weights and token count = the uninterrupted reference; every step appears
+  once in metrics.jsonl.
 - Resume: a new run from that run's step-3 checkpoint (N/2 of N=6) finishes with the same losses and weights.
 """
 
@@ -146,13 +147,15 @@ def test_pipeline_parallel_matches_single_process(ray_cluster, dataset, tmp_path
 
 @pytest.fixture(scope="module")
 def zero3_run(ray_cluster, dataset, tmp_path_factory) -> Path:
-    """ZeRO-3, DP=2; rank 1 raises before step 5 once; max_failures=1 restarts from the step-3 checkpoint."""
+    """ZeRO-3, DP=2; rank 1 exits during step 5 once; max_failures=1 restarts from the step-3 checkpoint."""
     root = tmp_path_factory.mktemp("zero3")
-    cfg = make_config(dataset, root, "zero3", **{"parallel.zero_stage": 3, "failure.max_failures": 1})
-    marker = root / "failed-once"
-    summary = run(cfg, inject_failure={"step": 4, "rank": 1, "marker": str(marker)})
-    assert marker.is_file(), "the injected failure did not happen"
-    return Path(summary["run_dir"])
+    cfg = make_config(dataset, root, "zero3", **{"parallel.zero_stage": 3, "failure.max_failures": 1,
+                                                  "failure.inject": '["1:5"]'})
+    summary = run(cfg)
+    run_dir = Path(summary["run_dir"])
+    # the fault's claim, written by rank 1 right before its os._exit (cluster/faults.py)
+    assert (run_dir / ".faults" / "rank1-step5").is_file(), "the injected failure did not happen"
+    return run_dir
 
 
 def test_zero3_survives_worker_failure_and_matches_single_process(zero3_run, dataset):

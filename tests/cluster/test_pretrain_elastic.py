@@ -71,13 +71,20 @@ def test_elastic_scale_up_then_down(cluster, dataset, tmp_path):
     from jobs.config import load_config
     from jobs.pretrain import PretrainConfig, run
 
+    # The 1-worker group waits before step 13 and the 2-worker group before step 29 while their hold files
+    # exist (`failure.hold`, cluster/faults.py), so each resize happens at a known point whatever the machine's
+    # speed.
+    holds = [tmp_path / "hold-1", tmp_path / "hold-2"]
+    for h in holds:
+        h.touch()
     cfg = load_config(PretrainConfig, base={
         "name": "elastic", "runs_root": str(tmp_path), "log_every": 4, "model": {"preset": "nano"},
         "data": {"dir": str(dataset), "seq_len": SEQ},
         "optim": {"max_steps": STEPS, "warmup_steps": 2, "micro_batch_size": ROWS, "grad_accum": 1},
         "parallel": {"num_workers": 2, "min_workers": 1, "zero_stage": 1, "elastic_interval_s": 2.0,
                      "rendezvous": "file"},
-        "checkpoint": {"every_n_steps": EVERY, "keep": 3}, "failure": {"max_failures": 2},
+        "checkpoint": {"every_n_steps": EVERY, "keep": 3},
+        "failure": {"max_failures": 2, "hold": [f"1:13:{holds[0]}", f"2:29:{holds[1]}"]},
         "eval": {"every_n_steps": STEPS, "batches": 1},
     })
     run_dir = tmp_path / "elastic"
@@ -91,18 +98,12 @@ def test_elastic_scale_up_then_down(cluster, dataset, tmp_path):
         except (OSError, ValueError, KeyError, TypeError):  # not written yet / being replaced
             return False
 
-    # The 1-worker group waits before step 13 and the 2-worker group before step 29 while their hold files
-    # exist, so each resize happens at a known point whatever the machine's speed.
-    holds = [{"dp": 1, "step": 12, "file": str(tmp_path / "hold-1")},
-             {"dp": 2, "step": 28, "file": str(tmp_path / "hold-2")}]
-    for h in holds:
-        Path(h["file"]).touch()
     # Ray's fake nodes start/stop with signals, which only the main thread may use: the run goes to a thread.
     result: dict = {}
 
     def train() -> None:
         try:
-            result["summary"] = run(cfg, holds=holds)
+            result["summary"] = run(cfg)
         except BaseException as e:  # reported below
             result["error"] = e
 
@@ -118,7 +119,7 @@ def test_elastic_scale_up_then_down(cluster, dataset, tmp_path):
         cluster.remove_node(node)
     finally:
         for h in holds:  # never leave the run waiting
-            Path(h["file"]).unlink(missing_ok=True)
+            h.unlink(missing_ok=True)
         thread.join(timeout=300)
     assert "error" not in result, result.get("error")
     summary = result["summary"]
