@@ -71,7 +71,8 @@ class RMConfig:
     runs_root: str = field("runs", help="directory holding run directories")
     address: str | None = field(None, help="Ray cluster address (default: $RAY_ADDRESS, else an embedded cluster)")
     init_from: str = field("runs/sft/checkpoint", help="SFT checkpoint: the RM starts from it (unembedding removed)")
-    comparisons: str = field("", help="comparisons file, or a directory with train.parquet (+ heldout.parquet); "
+    comparisons: str = field("", help="K-wise or pairwise preferences: a file, directory or glob (docs/DATA.md), "
+                                      "or a directory with train.parquet (+ heldout.parquet); "
                                       "'' = sample them now from init_from into runs/<name>/comparisons/")
     heldout_comparisons: str = field("", help="comparisons for validation accuracy ('' = heldout.parquet beside "
                                               "the train comparisons, if any)")
@@ -113,9 +114,12 @@ def _comparison_files(cfg: RMConfig) -> tuple[Path | None, Path | None]:
     if not cfg.comparisons:
         return None, None
     p = Path(cfg.comparisons)
-    train = p / "train.parquet" if p.is_dir() else p
+    generated = p.is_dir() and (p / "train.parquet").is_file()  # the layout `raygpt rm` samples into
+    train = p / "train.parquet" if generated else p  # else a file, a directory of user files, or a glob
     if cfg.heldout_comparisons:
         held: Path | None = Path(cfg.heldout_comparisons)
+    elif p.is_dir() and not generated:
+        held = None
     else:
         held = (p if p.is_dir() else p.parent) / "heldout.parquet"
         held = held if held.is_file() and held != train else None

@@ -166,8 +166,8 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     final = {k: v for k, v in (result.metrics or {}).items() if k != "rows"}
     summary: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoint"),
                                "train_seconds": round(time.perf_counter() - t0, 2), **counts, **final}
-    if cfg.eval.prompts:
-        task = build_task(cfg.task)
+    task = build_task(cfg.task)
+    if cfg.eval.prompts and task.has_labeler:  # user data (task 'files'/'labelled') has no gold labeler
         prompts = task.prompts("heldout")[:cfg.eval.prompts]
         comparison = evaluate_checkpoints({"init": cfg.init_from, "sft": run_dir / "checkpoint"}, prompts,
                                           cfg.eval.sampling, cfg.seed, gold=task.gold_scores)

@@ -302,3 +302,18 @@ def test_byod_configs_read_their_formats(tmp_path: Path, monkeypatch: pytest.Mon
     seen.add(FilesTask(cfg.prompts.source).format)
     assert len(prompts) == 48 and all(p.endswith("?\nAssistant:") for p in prompts)
     assert seen == {"messages", "prompt-completion", "pairwise", "kwise", "prompts"}
+
+
+def test_rm_comparisons_from_a_directory_of_user_files(tmp_path: Path) -> None:
+    from jobs.rm import RMConfig, _comparison_files
+
+    d = tmp_path / "prefs"
+    jsonl(d / "a.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    parquet(d / "b.parquet", [{"prompt": "q", "chosen": "c", "rejected": "r"}])
+    train, held = _comparison_files(from_dict(RMConfig, {"comparisons": str(d)}))
+    assert (train, held) == (d, None) and len(read_preferences(train)) == 2
+    gen = tmp_path / "gen"  # the layout `raygpt rm` samples into keeps its meaning
+    parquet(gen / "train.parquet", [{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1]}])
+    parquet(gen / "heldout.parquet", [{"prompt": "q", "responses": ["a", "b"], "ranking": [0, 1]}])
+    assert _comparison_files(from_dict(RMConfig, {"comparisons": str(gen)})) == (gen / "train.parquet",
+                                                                                 gen / "heldout.parquet")
