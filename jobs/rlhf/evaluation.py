@@ -17,7 +17,7 @@ from actors.base import response_logits, response_logprobs, sample_rollout
 from actors.reward import decode_rollout, reward_inputs, score_sequences
 from jobs.data.corpus import load_documents, split_documents
 from jobs.data.examples import encode_example, encode_prompt
-from jobs.data.tasks import read_comparisons
+from jobs.data.user_data import read_preferences
 from jobs.rlhf.checkpoints import load_lm
 from jobs.rlhf.sampling import sample_seed
 from models.checkpoint import load_checkpoint, read_config
@@ -161,7 +161,7 @@ def rm_accuracy(rm: Any, tokenizer: Any, path: str | Path) -> dict[str, float]:
     whose labeler scores differ (when the file records scores; tied pairs are a coin flip for any model)."""
 
 
-    comps = read_comparisons(path)
+    comps = read_preferences(path)  # K-wise or pairwise (user data): the RM's own held-out file may be either
     flat_p = [c.prompt for c in comps for _ in c.responses]
     flat_r = [r for c in comps for r in c.responses]
     flat = proxy_scores(rm, tokenizer, flat_p, flat_r)

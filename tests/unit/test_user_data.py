@@ -317,3 +317,22 @@ def test_rm_comparisons_from_a_directory_of_user_files(tmp_path: Path) -> None:
     parquet(gen / "heldout.parquet", [{"prompt": "q", "responses": ["a", "b"], "ranking": [0, 1]}])
     assert _comparison_files(from_dict(RMConfig, {"comparisons": str(gen)})) == (gen / "train.parquet",
                                                                                  gen / "heldout.parquet")
+
+
+def test_rm_accuracy_reads_pairwise_files(tmp_path: Path, ckpts: dict[str, str]) -> None:
+    """`raygpt eval` scores an RM on its own held-out file, which may be pairwise user data: the accuracy equals
+    the fraction of rows whose chosen response outscores the rejected one (scored one by one here)."""
+    from jobs.rlhf.evaluation import proxy_scores, rm_accuracy
+    from models.checkpoint import load_checkpoint, tokenizer_path
+    from models.tokenizer import Tokenizer
+
+    rows = [{"prompt": [U(f"hello {i}")], "chosen": [A("hi there" * (i % 3 + 1))], "rejected": [A("hello.")]}
+            for i in range(12)]
+    f = jsonl(tmp_path / "held.jsonl", rows)
+    rm, tk = load_checkpoint(ckpts["rm"]), Tokenizer.from_file(tokenizer_path(ckpts["rm"]))
+    wins = 0
+    for c in read_preferences(f):
+        chosen, rejected = (proxy_scores(rm, tk, [c.prompt], [r])[0] for r in c.responses)
+        wins += chosen > rejected
+    out = rm_accuracy(rm, tk, f)
+    assert out["rm_comparisons"] == 12 and out["rm_accuracy"] == pytest.approx(wins / 12)
