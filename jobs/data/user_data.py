@@ -248,7 +248,8 @@ def prompt_text(row: Row) -> str:
 
 
 # --- datasets -------------------------------------------------------------------------------------------------
-def _format(rows: list[Row], fmt: str, allowed: tuple[str, ...], purpose: str) -> Format:
+def resolve_format(rows: list[Row], fmt: str, allowed: tuple[str, ...], purpose: str) -> Format:
+    """`fmt` ('auto' = detect from the columns), checked against the formats `purpose` can use."""
     if fmt not in ("auto", *FORMATS):
         raise UserDataError(f"format: unknown format {fmt!r} (use auto or one of {', '.join(FORMATS)})")
     out = detect_format(rows) if fmt == "auto" else fmt
@@ -261,21 +262,21 @@ def _format(rows: list[Row], fmt: str, allowed: tuple[str, ...], purpose: str) -
 def read_demonstrations(source: str | Path, fmt: str = "auto") -> list[Demonstration]:
     """SFT data: prompt-completion or messages rows (all validated) → Demonstrations, in file order."""
     rows = read_rows(source)
-    f = _format(rows, fmt, ("prompt-completion", "messages"), "SFT demonstrations")
+    f = resolve_format(rows, fmt, ("prompt-completion", "messages"), "SFT demonstrations")
     return [demonstration(r, f) for r in rows]
 
 
 def read_preferences(source: str | Path, fmt: str = "auto") -> list[Comparison]:
     """RM/DPO data: pairwise or K-wise rows (all validated) → Comparisons (pairwise: K=2, chosen first)."""
     rows = read_rows(source)
-    f = _format(rows, fmt, ("pairwise", "kwise"), "preferences")
+    f = resolve_format(rows, fmt, ("pairwise", "kwise"), "preferences")
     return [comparison(r, f) for r in rows]
 
 
 def read_prompts(source: str | Path, fmt: str = "auto") -> list[str]:
     """RL / eval prompts: the prompt of every row (prompt-only files, or the prompts of any other format)."""
     rows = read_rows(source)
-    f = _format(rows, fmt, FORMATS, "prompts")
+    f = resolve_format(rows, fmt, FORMATS, "prompts")
     if f == "prompts":
         return [prompt_text(r) for r in rows]
     if f in ("pairwise", "kwise"):

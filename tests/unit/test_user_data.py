@@ -14,7 +14,7 @@ import torch
 
 from jobs.config import ConfigError, from_dict
 from jobs.data.examples import ChatExample, encode_demonstration, sft_batch
-from jobs.data.tasks import FilesTask, TaskConfig, build_task
+from jobs.data.tasks import FilesTask, TaskConfig, TaskError, build_task
 from jobs.data.tasks.base import heldout_prompt
 from jobs.data.user_data import (
     UserDataError,
@@ -181,6 +181,11 @@ def test_files_task_hash_split_and_separate_heldout(tmp_path: Path) -> None:
     assert len(task.comparisons_for("train")) + len(task.comparisons_for("heldout")) == 9
     with pytest.raises(ConfigError, match="needs a data file"):
         from_dict(TaskConfig, {"name": "files"})
+    with pytest.raises(TaskError, match="is a 'pairwise' file, task.data a 'messages' file"):
+        FilesTask(str(f), heldout_data=str(pairs))
+    prompts = jsonl(tmp_path / "pr.jsonl", [{"prompt": f"p{i}"} for i in range(9)])
+    with pytest.raises(TaskError, match="a prompt-only file has no demonstrations"):
+        FilesTask(str(prompts)).demonstrations()
 
 
 # --- conversational SFT examples: loss on assistant turns only ---------------------------------------------------

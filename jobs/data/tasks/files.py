@@ -16,8 +16,13 @@ gold scores need a reward model or the embedded task. All rows are read and vali
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from jobs.data.tasks.base import Demonstration, Split, Task, TaskError, check_split, heldout_prompt
 from jobs.data.tasks.labelled import Comparison
+
+T = TypeVar("T")
 
 
 class FilesTask(Task):
@@ -39,29 +44,29 @@ class FilesTask(Task):
         sources = {"train": data, "heldout": heldout_data} if heldout_data else {"all": data}
         for part, source in sources.items():
             rows = ud.read_rows(source)
-            f = ud.detect_format(rows) if fmt == "auto" else ud._format(rows, fmt, ud.FORMATS, "a task")
+            f = ud.resolve_format(rows, fmt, ud.FORMATS, "a task")
             if self.format and f != self.format:
                 raise TaskError(f"task.heldout_data: {source} is a {f!r} file, task.data a {self.format!r} file")
             self.format = f
             if f in ("pairwise", "kwise"):
                 comps = [ud.comparison(r, f) for r in rows]
-                self._split(part, comps, lambda c: c.prompt, self._comparisons)
-                self._split(part, [Demonstration(c.prompt, c.best) for c in comps], lambda d: d.prompt, self._demos)
-                self._split(part, [c.prompt for c in comps], lambda p: p, self._prompts)
+                self._comparisons.update(self._split(part, comps, lambda c: c.prompt))
+                demos = [Demonstration(c.prompt, c.best) for c in comps]
             elif f in ("prompt-completion", "messages"):
                 demos = [ud.demonstration(r, f) for r in rows]
-                self._split(part, demos, lambda d: d.prompt, self._demos)
-                self._split(part, [d.prompt for d in demos], lambda p: p, self._prompts)
             else:
-                self._split(part, [ud.prompt_text(r) for r in rows], lambda p: p, self._prompts)
+                demos = []
+                self._prompts.update(self._split(part, [ud.prompt_text(r) for r in rows], lambda p: p))
+            if demos:
+                self._demos.update(self._split(part, demos, lambda d: d.prompt))
+                self._prompts.update(self._split(part, [d.prompt for d in demos], lambda p: p))
 
-    def _split(self, part: str, items: list, key, out: dict) -> None:  # type: ignore[type-arg,no-untyped-def]
+    def _split(self, part: str, items: list[T], key: Callable[[T], str]) -> dict[str, list[T]]:
+        """{split: items}: all of `part` when the split is given by the file, else by a hash of the prompt."""
         if part != "all":
-            out[part] = items
-            return
-        for split in ("train", "heldout"):
-            want = split == "heldout"
-            out[split] = [x for x in items if heldout_prompt(key(x), self.heldout_fraction) == want]
+            return {part: items}
+        return {split: [x for x in items if heldout_prompt(key(x), self.heldout_fraction) == (split == "heldout")]
+                for split in ("train", "heldout")}
 
     @property
     def has_labeler(self) -> bool:
