@@ -55,4 +55,26 @@ def test_demo_artifacts_are_real(demo):
     served = json.loads((root / "serve.json").read_text())
     assert served["completion"] and served["usage"]["completion_tokens"] >= 1
     ev = json.loads((root / "eval" / "summary.json").read_text())
-    assert 0.0 <= ev["win_rate/ppo_vs_sft"] <= 1.0
+    # The reported numbers recomputed from the per-prompt gold scores in samples.jsonl (ties count ½): the win
+    # rate of PPO over SFT and both gold means, on the configured 16 held-out prompts.
+    rows = [json.loads(line) for line in (root / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 == ev["prompts"]
+    ppo, sft = [r["ppo"]["gold"] for r in rows], [r["sft"]["gold"] for r in rows]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ppo, sft))
+    assert ev["win_rate/ppo_vs_sft"] == wins / 16
+    assert abs(ev["ppo/gold"] - sum(ppo) / 16) < 1e-9 and abs(ev["sft/gold"] - sum(sft) / 16) < 1e-9
+
+    # Learning happened at every trained stage, with margins a broken stage would not meet. Measured with this
+    # config (seed 0, 2 cores): pretrain val loss 6.23 → 5.92 (ln 512 = 6.24), SFT val loss 5.92 → 5.85, held-out
+    # perplexity pretrained 363 → SFT 343 (a uniform model: 512), PPO's ptx loss 5.88 ≈ the SFT model's LM loss
+    # on the same corpus. (The smoke's win rate is 0.5, all ties: 2 PPO iterations barely move the policy.)
+    def val(stage: str) -> list[float]:
+        rows = [json.loads(line) for line in (root / stage / "metrics.jsonl").read_text().splitlines()]
+        return [r["val_loss"] for r in rows if "val_loss" in r]
+
+    assert val("pretrain")[-1] < val("pretrain")[0] - 0.15
+    assert val("sft")[-1] < val("sft")[0] - 0.03
+    assert ev["sft/ppl"] < ev["pretrained/ppl"] < 0.9 * 512
+    ppo_rows = [json.loads(line) for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in ppo_rows] == [1, 2]
+    assert all(abs(r["ptx_loss"] - val("sft")[-1]) < 0.5 for r in ppo_rows)
