@@ -40,8 +40,9 @@ from cluster.deepspeed_engine import (
     save_engine,
 )
 from cluster.worker_group import DistributedWorker
+from models.advantages import KLKind
 from models.generation import SamplingParams, tempered
-from models.losses import entropy_from_logits, lm_loss, policy_loss
+from models.losses import LossAgg, entropy_from_logits, lm_loss, policy_loss
 from models.masked import masked_mean
 from models.seeding import derive_seed
 
@@ -60,9 +61,9 @@ class PPOUpdateSpec:
     # with max_response_len = the sampler's max_new_tokens) and the estimator of a KL loss term (GRPO: k3).
     clip_low: float | None = None  # None = clip_eps
     clip_high: float | None = None  # None = clip_eps
-    loss_agg: str = "token-mean"
+    loss_agg: LossAgg = "token-mean"
     max_response_len: int | None = None
-    kl_estimator: str = "k3"
+    kl_estimator: KLKind = "k3"
 
 
 @dataclass(frozen=True)
@@ -173,8 +174,8 @@ class PolicyWorker(DistributedWorker):
                 ref = part.ref_logprobs.to(dev) if kl_coef and part.ref_logprobs is not None else None
                 loss, m = policy_loss(logprobs, part.old_logprobs.to(dev), part.advantages.to(dev), mask,
                                       spec.clip_eps, clip_low=spec.clip_low, clip_high=spec.clip_high,
-                                      loss_agg=spec.loss_agg, max_response_len=spec.max_response_len,  # type: ignore[arg-type]
-                                      kl_coef=kl_coef, ref_logprobs=ref, kl_estimator=spec.kl_estimator)  # type: ignore[arg-type]
+                                      loss_agg=spec.loss_agg, max_response_len=spec.max_response_len,
+                                      kl_coef=kl_coef, ref_logprobs=ref, kl_estimator=spec.kl_estimator)
                 with torch.no_grad():
                     entropy = entropy_from_logits(tempered(logits.float(), temperature))
                     sums["entropy"] += float(masked_mean(entropy, mask))

@@ -21,6 +21,7 @@ from jobs.config import ConfigError, field
 from jobs.data.tasks import TaskConfig
 from models.advantages import ADVANTAGE_ESTIMATORS, get_estimator
 from models.generation import SamplingParams
+from models.losses import LossAgg
 
 DEFAULT_REWARD_MODEL = "runs/rm/checkpoint"
 
@@ -238,7 +239,7 @@ class PPOJobConfig:
         return self.batch_size * self.group_size
 
     @property
-    def loss_agg(self) -> str:
+    def loss_agg(self) -> LossAgg:
         if self.loss.agg != "auto":
             return self.loss.agg
         return "seq-mean-token-mean" if self.algorithm == "grpo" else "token-mean"
