@@ -31,23 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.config import ConfigError
+from jobs.data.sources import DataError, Document, list_inputs, read_documents
 
 SPLITS = ("train", "validation")  # held-in, held-out documents
 DEFAULT_VALIDATION_FRACTION = 0.1
-MAX_DOC_CHARS = 200_000  # .txt files longer than this are cut into parts (so one big file can still be split)
-
-
-class DataError(ConfigError):
-    """Bad corpus or dataset input (missing file, empty corpus, missing column). The message names the file.
-
-    A ConfigError so `raygpt prepare` reports it as a one-line error instead of a traceback."""
-
-
-@dataclass(frozen=True)
-class Document:
-    name: str  # stable identifier: decides the split and fills the `doc` column
-    text: str
 
 
 # --- corpus -----------------------------------------------------------------------------------------------
@@ -116,8 +103,6 @@ def load_documents(source: str, text_field: str = "text") -> list[Document]:
     elif source == "pydoc":
         docs = _pydoc()
     else:
-        from jobs.data.sources import list_inputs, read_documents
-
         docs = [d for f in list_inputs(source) for d in read_documents(f, text_field)]
     docs = [d for d in docs if d.text.strip()]
     if not docs:

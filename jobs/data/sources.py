@@ -35,10 +35,24 @@ from typing import IO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.data.corpus import MAX_DOC_CHARS, DataError, Document
+from models.config import ConfigError
 
+MAX_DOC_CHARS = 200_000  # .txt files longer than this are cut into parts (so one big file can still be split)
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}  # directory listings pick these suffixes
 _GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class DataError(ConfigError):
+    """Bad corpus or dataset input (missing file, empty corpus, missing column). The message names the file.
+
+    A ConfigError so `raygpt prepare` reports it as a one-line error instead of a traceback. (Defined here, the
+    lowest module of jobs/data; jobs.data.corpus re-exports it with `Document`.)"""
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # stable identifier: decides the split and fills the `doc` column
+    text: str
 
 
 @dataclass(frozen=True)
