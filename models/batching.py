@@ -171,8 +171,8 @@ def decode(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams,
             slots.keep(live.nonzero().squeeze(-1))
             stats["slot_drops"] += 1
         if slots.cache.length >= L:  # no free column: right-align every row at its longest live span
-            span = int(slots.position[slots.live].max())
-            slots.shift_columns(max(longest, span))
+            live_span = int(slots.position[slots.live].max())
+            slots.shift_columns(max(longest, live_span))
             stats["column_shifts"] += 1
         _decode_step(model, slots, params, record, step_forward)
         stats["decode_steps"] += 1
