@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.gpt import GPT
+from models.packed import available, packed_twin
 from models.rng import sample_categorical, uniform
 
 
@@ -145,11 +146,13 @@ def sample_next(logits: Tensor, params: SamplingParams, seeds: Tensor, steps: Te
 
 @torch.no_grad()
 def stream(model: GPT, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams, *,
-           eos_id: int | None = None, seeds: Seeds = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+           eos_id: int | None = None, seeds: Seeds = None, packed: bool | None = None
+           ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Yield (tokens (B,), logprobs (B,), active (B,) bool) once per decoding step.
 
     `active[i]` is False for rows that had already finished before this step (their token is padding).
-    Stops when every row has emitted EOS or after max_new_tokens.
+    Stops when every row has emitted EOS or after max_new_tokens. `packed`: oneDNN-packed weights for the
+    matmuls (`models.packed`; None = whenever available). Logits are computed for the last position only.
     """
     B, P = input_ids.shape
     n_ctx = model.config.n_ctx
@@ -164,7 +167,8 @@ def stream(model: GPT, input_ids: Tensor, attention_mask: Tensor, params: Sampli
     cache = model.new_cache(B, P + params.max_new_tokens)
     mask = torch.zeros((B, P + params.max_new_tokens), dtype=torch.long, device=device)
     mask[:, :P] = attention_mask.to(device)
-    logits = model(input_ids.to(device), mask[:, :P], cache=cache)[:, -1]
+    net = packed_twin(model) if (packed if packed is not None else available(model)) else model
+    logits = net.lm_head(net.transformer(input_ids.to(device), mask[:, :P], cache=cache)[:, -1])
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     pad = eos_id if eos_id is not None else 0
     for t in range(params.max_new_tokens):
@@ -177,7 +181,7 @@ def stream(model: GPT, input_ids: Tensor, attention_mask: Tensor, params: Sampli
         if bool(finished.all()) or t == params.max_new_tokens - 1:
             return
         mask[:, P + t] = active.long()
-        logits = model(tokens[:, None], mask[:, :P + t + 1], cache=cache)[:, -1]
+        logits = net.lm_head(net.transformer(tokens[:, None], mask[:, :P + t + 1], cache=cache)[:, -1])
 
 
 @torch.no_grad()

@@ -13,7 +13,15 @@ from actors.engines.native import NativeEngine
 from models import batching
 from models.batching import decode
 from models.config import GPTConfig
-from models.generation import SamplingParams, filter_logits, generate, sample_next, tempered_logprobs
+from models.generation import (
+    SamplingParams,
+    filter_logits,
+    generate,
+    left_pad,
+    sample_next,
+    stream,
+    tempered_logprobs,
+)
 from models.gpt import GPT
 from models.rng import mix32, sample_categorical, uniform
 
@@ -143,6 +151,20 @@ def test_logprobs_equal_the_trainers_forward_pass(params: SamplingParams) -> Non
     ref = tempered_logprobs(logits, gen.response_ids, params.temperature) * gen.response_mask
     assert gen.response_mask.sum() > 0
     torch.testing.assert_close(gen.logprobs, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_static_stream_samples_what_continuous_batching_samples(packed: bool) -> None:
+    """The server's step-by-step `stream` (one static left-padded batch) and `generate` draw the same tokens."""
+    model, ps = eos_model(), prompts(count=5)
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9)
+    ids, mask = left_pad(ps, EOS)
+    steps = list(stream(model, ids, mask, params, eos_id=EOS, seeds=[3, 1, 4, 1, 5], packed=packed))
+    tokens = torch.stack([s[0] for s in steps], 1)
+    logprobs = torch.stack([s[1] for s in steps], 1)
+    gen = generate(model, ps, params, eos_id=EOS, seeds=[3, 1, 4, 1, 5], max_rows=2)
+    assert tokens.tolist() == gen.response_ids.tolist()
+    torch.testing.assert_close(logprobs, gen.logprobs, atol=1e-5, rtol=0)
 
 
 def test_generation_layout_left_padded_prompts_right_padded_responses() -> None:
