@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from actors.rollout import Rollout
 from models.checkpoint import Kind, load_checkpoint
-from models.generation import SamplingParams, generate, tempered_logprobs
+from models.generation import Generation, SamplingParams, generate, tempered_logprobs
 from models.gpt import GPT
 
 
@@ -90,6 +90,13 @@ def sample_rollout(model: GPT, prompts: Sequence[Sequence[int]], row_index: Sequ
                          f"indices and seeds, got {len(row_index)}/{len(seeds)}")
     gen = generate(model, [list(p) for p in prompts], sampling, eos_id=eos_id, seeds=[int(s) for s in seeds],
                    pad_id=eos_id, n=n)
+    return rollout_from_generation(gen, row_index, version, checksum)
+
+
+def rollout_from_generation(gen: Generation, row_index: Sequence[int], version: int, checksum: str,
+                            engine: str = "native", exact_logprobs: bool = True) -> Rollout:
+    """A sampler's output (any rollout engine) as a Rollout. `exact_logprobs=False` (vLLM) tells the policy to
+    recompute the old log-probs with its own forward pass before it updates (and to log the gap)."""
     mask = gen.response_mask.long()
     return Rollout(
         prompt_ids=gen.sequences[:, :gen.prompt_len].long(),
@@ -100,6 +107,8 @@ def sample_rollout(model: GPT, prompts: Sequence[Sequence[int]], row_index: Sequ
         row_index=torch.as_tensor(list(row_index), dtype=torch.long),
         weight_version=version,
         weight_checksum=checksum,
+        engine=engine,
+        exact_logprobs=exact_logprobs,
     ).validate()
 
 

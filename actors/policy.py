@@ -161,6 +161,9 @@ class PolicyWorker(DistributedWorker):
         order = torch.Generator().manual_seed(derive_seed(spec.seed, iteration, self.rank))
         torch.manual_seed(derive_seed(spec.seed, iteration, self.rank, 1))
         temperature = self.spec.sampling.temperature
+        gap: dict[str, float] = {}
+        if not rollout.exact_logprobs:  # e.g. vLLM sampled: its log-probs come from other kernels than ours
+            rollout, gap = self.recompute_old_logprobs(rollout)
         sums: dict[str, float] = defaultdict(float)
         eng.train()
         step = 0
@@ -199,5 +202,23 @@ class PolicyWorker(DistributedWorker):
                     sums["grad_norm"] += float(norm)
                 step += 1
         self.version += 1
-        metrics = {k: v / steps for k, v in sums.items()}
+        metrics = {**{k: v / steps for k, v in sums.items()}, **gap}
         return UpdateResult(metrics, self.weights_info())
+
+    @torch.no_grad()
+    def recompute_old_logprobs(self, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
+        """The rollout with old_logprobs replaced by this policy's own forward pass (the weights it was sampled
+        with: the update has not started), and the rollout-vs-trainer gap per response token: mean and max
+        |Δ log p| — logged every iteration so numerical drift between the engines is visible, not silent."""
+        eng, temperature = self.engine, self.spec.sampling.temperature
+        eng.eval()
+        parts = []
+        for a in range(0, rollout.batch_size, self.spec.update.minibatch_size):
+            part = rollout.select(range(a, min(a + self.spec.update.minibatch_size, rollout.batch_size)))
+            parts.append(response_logprobs(response_logits(eng, part), part, temperature).float().cpu())
+        ours = torch.cat(parts)
+        mask = rollout.action_mask.bool()
+        diff = (ours - rollout.old_logprobs).abs()[mask]
+        gap = {"logprob_gap_mean": float(diff.mean()) if diff.numel() else 0.0,
+               "logprob_gap_max": float(diff.max()) if diff.numel() else 0.0}
+        return rollout.replace(old_logprobs=torch.where(mask, ours, torch.zeros_like(ours)), exact_logprobs=True), gap

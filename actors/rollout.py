@@ -15,7 +15,7 @@ Life of a rollout (jobs/ppo.py):
   update    → each policy/value rank receives only its shard: slicing happens before `ray.put`, as in OpenRLHF.
 
 Object-store transfer: tensors are stored as NumPy arrays when pickled (`__reduce__`), which Ray's object store
-reads back zero-copy, instead of torch's pickled tensor bytes (ENVIRONMENT.md: ~3× slower on both ends).
+reads back zero-copy, instead of torch's pickled tensor bytes (~3× slower on both ends; docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ class Rollout:
     row_index: Tensor  # (B,) long: position of each row in the iteration's global batch (seeds, reassembly order)
     weight_version: int = 0  # policy version the responses were sampled with (number of updates applied)
     weight_checksum: str = ""  # SHA-256 of the sampling weights; the controller refuses a mismatch
+    engine: str = "native"  # the rollout engine that sampled (actors/engines)
+    exact_logprobs: bool = True  # old_logprobs are the trainer's own; False (vLLM): the policy recomputes them
     ref_logprobs: Tensor | None = None  # (B, T) float32: log π_ref(a_t|s_t), frozen SFT reference, same temperature
     scores: Tensor | None = None  # (B,) float32: sequence reward r(x, y) of the RM (or user function)
     values: Tensor | None = None  # (B, T) float32: critic V(s_t) at rollout time (the "old" values)
@@ -155,14 +157,16 @@ class Rollout:
     # --- object-store transfer --------------------------------------------------------------------------------
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         arrays = {k: v.detach().cpu().numpy() for k, v in self._tensors().items()}
-        return (_rebuild, (arrays, self.weight_version, self.weight_checksum))
+        return (_rebuild, (arrays, self.weight_version, self.weight_checksum, self.engine, self.exact_logprobs))
 
 
-def _rebuild(arrays: dict[str, np.ndarray], version: int, checksum: str) -> Rollout:
+def _rebuild(arrays: dict[str, np.ndarray], version: int, checksum: str, engine: str = "native",
+             exact_logprobs: bool = True) -> Rollout:
     # Arrays from the object store are read-only views of shared memory; torch needs writable memory, so copy
     # once here (one memcpy, still far cheaper than unpickling tensor bytes).
     tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
-    return Rollout(**tensors, weight_version=version, weight_checksum=checksum)
+    return Rollout(**tensors, weight_version=version, weight_checksum=checksum, engine=engine,
+                   exact_logprobs=exact_logprobs)
 
 
 # --- finalize: rewards and advantages over the whole batch -----------------------------------------------------

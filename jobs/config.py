@@ -239,23 +239,26 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
     tmp.replace(p)
 
 
-def help_lines(cls: type, prefix: str = "") -> list[str]:
-    """One line per leaf field: dotted name, type, default, help."""
+def help_lines(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """One line per leaf field: dotted name, type, default, help. `defaults`: the section's own default instance
+    (a section declared as `field(Section(x=1))` shows x = 1, not the class default)."""
     lines: list[str] = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.append(f"{name}:  {f.metadata.get('help', '')}".rstrip())
-            lines.extend(help_lines(tp, name + "."))
-            continue
-        if f.default is not dataclasses.MISSING:
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = "(required)"
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{name}:  {f.metadata.get('help', '')}".rstrip())
+            lines.extend(help_lines(tp, name + ".", default if dataclasses.is_dataclass(default) else None))
+            continue
         tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
         lines.append(f"  {name} ({tname}) = {default!r}  {f.metadata.get('help', '')}".rstrip())
     return lines

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actors.engines import check_engine
 from cluster.metrics import MetricsWriter
 from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
@@ -72,6 +73,8 @@ class EvalConfig:
     prompts: int = field(256, help="held-out prompts (the first N of the task's held-out split)")
     sampling: SamplingParams = field(SamplingParams(), help="sampling of the responses")
     batch_size: int = field(128, help="sequences generated together")
+    engine: str = field("native", help="rollout engine that samples: 'native' or 'vllm' (the `vllm` extra; KL is "
+                                       "then computed with each model's own forward pass)")
     seed: int = field(0, help="sampling seed (the same prompts and seeds for every model)")
     kl_reference: str = field("sft", help="model whose KL(model‖reference) is reported for every model "
                                           "('' or a label not in models = none)")
@@ -101,6 +104,8 @@ def check(cfg: EvalConfig) -> None:
             raise ConfigError(f"{where}: {path} is a {kind!r} checkpoint, expected {want!r}")
     if cfg.kl_reference and cfg.kl_reference not in cfg.models:
         raise ConfigError(f"kl_reference: {cfg.kl_reference!r} is not one of models ({', '.join(cfg.models)})")
+    for path in cfg.models.values():
+        check_engine(cfg.engine, path, "engine")
     if cfg.comparisons and not Path(cfg.comparisons).is_file():
         raise ConfigError(f"comparisons: no such file {cfg.comparisons}")
 
@@ -119,7 +124,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         comparison = evaluate_checkpoints(
             cfg.models, prompts, cfg.sampling, cfg.seed, gold=task.gold_scores if task.has_labeler else None,
             reward_model=cfg.reward_model or None,
-            kl_reference=cfg.kl_reference if cfg.kl_reference in cfg.models else None, batch_size=cfg.batch_size)
+            kl_reference=cfg.kl_reference if cfg.kl_reference in cfg.models else None, batch_size=cfg.batch_size,
+            engine=cfg.engine)
         metrics.update(comparison.metrics)
         with atomic_open(run_dir / "samples.jsonl") as f:
             f.writelines(json.dumps(row) + "\n" for row in comparison.rows())

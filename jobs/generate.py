@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from actors.engines import make_engine
 from jobs.cli import Arg, JobSpec
 from jobs.config import ConfigError, field
 from jobs.data.examples import encode_prompt
-from models.checkpoint import CheckpointError, load_checkpoint, tokenizer_path
-from models.generation import SamplingParams, generate
+from models.checkpoint import CheckpointError, tokenizer_path
+from models.generation import SamplingParams
 from models.tokenizer import Tokenizer, TokenizerError
 
 
@@ -24,6 +25,7 @@ class GenerateConfig:
     num_samples: int = field(1, help="samples per prompt")
     sampling: SamplingParams = field(SamplingParams(max_new_tokens=48, temperature=0.8), help="sampling")
     seed: int = field(0, help="row i of the batch is seeded with seed + i")
+    engine: str = field("native", help="rollout engine: 'native' or 'vllm' (the `vllm` extra)")
 
     def validate(self) -> None:
         if not self.checkpoint:
@@ -34,15 +36,16 @@ class GenerateConfig:
 
 def run(cfg: GenerateConfig) -> list[str]:
     try:
-        model = load_checkpoint(cfg.checkpoint, kind="lm").eval()
         tok = Tokenizer.from_file(tokenizer_path(cfg.checkpoint))
+        engine = make_engine(cfg.engine, cfg.checkpoint)
     except (CheckpointError, TokenizerError) as e:
         raise ConfigError(f"checkpoint: {e}") from None
     prompts = cfg.prompts or [""]
-    encoded = [encode_prompt(tok, p) for p in prompts for _ in range(cfg.num_samples)]
+    encoded = [encode_prompt(tok, p) for p in prompts]
+    seeds = [cfg.seed + i for i in range(len(prompts) * cfg.num_samples)]
     try:
         with torch.no_grad():
-            out = generate(model, encoded, cfg.sampling, eos_id=tok.eos_id, seeds=cfg.seed)
+            out = engine.generate(encoded, cfg.sampling, eos_id=tok.eos_id, seeds=seeds, n=cfg.num_samples)
     except ValueError as e:  # a prompt longer than the context names max_new_tokens / the prompt
         raise ConfigError(str(e)) from None
     texts = []

@@ -17,9 +17,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
+from models.config import ConfigError
 from models.generation import Generation, SamplingParams
+
+EngineName = Literal["native", "vllm"]
+ENGINES: tuple[str, ...] = ("native", "vllm")
 
 
 class RolloutEngine(ABC):
@@ -36,3 +41,32 @@ class RolloutEngine(ABC):
     @abstractmethod
     def load_weights(self, state: Mapping[str, Any], version: int) -> str:
         """Replace the weights (models/ parameter names, NumPy arrays or tensors); returns their checksum."""
+
+
+def check_engine(name: str, checkpoint: str | Path, field_name: str = "engine") -> None:
+    """Everything that would make `make_engine(name, checkpoint)` fail, as a ConfigError naming `field_name`,
+    before anything starts: an unknown engine, vLLM not installed (with how to install it), a model vLLM cannot
+    run the way our GPT does."""
+    if name not in ENGINES:
+        raise ConfigError(f"{field_name}: unknown rollout engine {name!r} (engines: {', '.join(ENGINES)})")
+    if name == "vllm":
+        from actors.engines.vllm import check_vllm_model  # lazy: the vllm extra is optional
+
+        try:
+            check_vllm_model(checkpoint)
+        except ConfigError as e:
+            raise ConfigError(f"{field_name}: {str(e).removeprefix('engine: ')}") from None
+        except ValueError as e:  # CheckpointError: a model vLLM cannot load
+            raise ConfigError(f"{field_name}: {e}") from None
+
+
+def make_engine(name: str, checkpoint: str | Path, **options: Any) -> RolloutEngine:
+    """The rollout engine `name` ("native" | "vllm") loaded with `checkpoint`'s architecture and weights."""
+    check_engine(name, checkpoint)
+    if name == "vllm":
+        from actors.engines.vllm import VLLMEngine  # lazy: the vllm extra is optional
+
+        return VLLMEngine(checkpoint, **options)
+    from actors.engines.native import NativeEngine  # native imports this module: import here, not at the top
+
+    return NativeEngine.from_checkpoint(checkpoint, **options)

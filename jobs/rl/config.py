@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from actors.engines import ENGINES
 from actors.policy import PolicySpec, PPOUpdateSpec
 from actors.reference import ReferenceSpec
 from actors.reward import RewardComponent, RewardSpec
@@ -161,6 +162,9 @@ class PPOJobConfig:
     tokenizer: str | None = field(None, help="tokenizer.json (default: the policy checkpoint's)")
     gold: str | None = field("task", help="gold labeler for metrics: 'task' (VADER), 'module:callable', or null")
     task: TaskConfig = field(TaskConfig(), help="the task: prompts and gold labeler (same section as sft/rm)")
+    engine: str = field("native", help="rollout engine of the rollout workers: 'native' (the trainer's own "
+                                       "log-probs) or 'vllm' (the `vllm` extra; the policy recomputes the old "
+                                       "log-probs and logs the gap); needs placement.replicas.rollout >= 1")
     sampling: SamplingParams = field(SamplingParams(), help="sampling (temperature > 0: PPO needs a stochastic "
                                                              "policy; log-probs use the same temperature everywhere)")
     kl: KLConfig = field(KLConfig(), help="KL penalty and controller")
@@ -176,6 +180,11 @@ class PPOJobConfig:
     num_cpus: int | None = field(None, help="logical CPUs of the embedded cluster (default: all)")
 
     def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine: unknown rollout engine {self.engine!r} (engines: {', '.join(ENGINES)})")
+        if self.engine != "native" and self.placement.replicas.get("rollout", 0) < 1:
+            raise ConfigError(f"engine: {self.engine!r} samples on rollout workers; set placement.replicas.rollout "
+                              ">= 1 (the policy itself samples with the native engine)")
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm: unknown algorithm {self.algorithm!r}; expected one of {list(ALGORITHMS)}")
         try:
@@ -368,7 +377,7 @@ def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: in
                           tokenizer=tokenizer_path if any(c.function for c in components) else None, eos_id=eos_id),
         value=ValueSpec(value_init, value_engine, epochs=p.epochs, minibatch_size=p.minibatch_size // n_value,
                         clip_eps=p.value_clip, seed=cfg.seed),
-        rollout=RolloutWorkerSpec(policy_dir, sampling, eos_id),
+        rollout=RolloutWorkerSpec(policy_dir, sampling, eos_id, engine=cfg.engine),
     )
 
 

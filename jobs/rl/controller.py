@@ -478,7 +478,8 @@ class Controller:
             **{k: v for k, v in stats.items() if k != "proxy_reward"}, **update,
             **{f"time_{k}": round(v, 4) for k, v in self.timings.items() if k != "startup"},
             time_iteration=round(seconds, 4), samples_per_s=self.cfg.rows / max(work, 1e-9),
-            rollout_bytes=self.rollout_bytes, recoveries=self.recoveries, weight_version=self.expected.version)
+            rollout_bytes=self.rollout_bytes, recoveries=self.recoveries, weight_version=self.expected.version,
+            engine=self.cfg.engine if self.generator_role == "rollout" else "native")
         gold = "   n/a" if self.gold_reward is None else f"{self.gold_reward:+.3f}"
         print(f"[ppo] iter {it + 1}/{self.cfg.iterations}  gold {gold}  proxy {stats['proxy_reward']:+.3f}  "
               f"kl {stats['kl']:.3f}  β {stats['beta']:.4f}  entropy {update.get('entropy', 0):.2f}  "

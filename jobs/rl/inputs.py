@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actors.engines import check_engine
 from actors.reward import import_function
 from jobs.config import ConfigError
 from jobs.rl.config import PPOJobConfig, abspath
@@ -46,7 +47,9 @@ def model_config(path: str, field_name: str) -> Any:
 
 
 def check_checkpoints(cfg: PPOJobConfig) -> None:
-    """The policy is an LM, the reward model a reward model, and every model reads the same token ids."""
+    """The policy is an LM, the reward model a reward model, every model reads the same token ids, and the rollout
+    engine can run the policy (vLLM installed, a model it computes the way our GPT does)."""
+    check_engine(cfg.engine, cfg.policy)
     def read(path: str, name: str) -> tuple[Any, str]:
         try:
             model, kind, _ = read_config(path)

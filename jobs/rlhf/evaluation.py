@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from actors.base import response_logits, response_logprobs, sample_rollout
+from actors.base import response_logits, response_logprobs, rollout_from_generation, sample_rollout
+from actors.engines import RolloutEngine, make_engine
 from actors.reward import decode_rollout, reward_inputs, score_sequences
 from jobs.data.corpus import load_documents, split_documents
 from jobs.data.examples import encode_example, encode_prompt
@@ -60,9 +61,11 @@ class HeldoutComparison:
 
 def compare_models(models: Mapping[str, nn.Module], tokenizer: Tokenizer, prompts: Sequence[str],
                    sampling: SamplingParams, seed: int, *, gold: GoldFn | None = None,
-                   reward_model: nn.Module | None = None, kl_reference: str | None = None, batch_size: int = 128
-                   ) -> HeldoutComparison:
-    """Sample, score and compare `models` (label → LM, all reading `tokenizer`'s ids) on `prompts`."""
+                   reward_model: nn.Module | None = None, kl_reference: str | None = None, batch_size: int = 128,
+                   engines: Mapping[str, RolloutEngine] | None = None) -> HeldoutComparison:
+    """Sample, score and compare `models` (label → LM, all reading `tokenizer`'s ids) on `prompts`. A model with
+    an entry in `engines` samples with that rollout engine (e.g. vLLM holding the same weights); its log-probs for
+    the KL are then recomputed with the model's own forward pass."""
     if kl_reference is not None and kl_reference not in models:
         raise ConfigError(f"kl_reference: {kl_reference!r} is not one of the models {list(models)}")
     ids = [encode_prompt(tokenizer, p) for p in prompts]
@@ -79,8 +82,18 @@ def compare_models(models: Mapping[str, nn.Module], tokenizer: Tokenizer, prompt
         texts[label], proxy_rows = [], []
         for a in range(0, len(ids), batch_size):
             rows = list(range(a, min(a + batch_size, len(ids))))
-            rollout = sample_rollout(model, [ids[r] for r in rows], rows, [seeds[r] for r in rows], sampling, eos,
-                                     0, "")
+            if engines and label in engines:
+                gen = engines[label].generate([ids[r] for r in rows], sampling, eos_id=eos,
+                                              seeds=[seeds[r] for r in rows])
+                rollout = rollout_from_generation(gen, rows, 0, "", engines[label].name,
+                                                  engines[label].exact_logprobs)
+                if not rollout.exact_logprobs:
+                    with torch.no_grad():
+                        ours = response_logprobs(response_logits(model, rollout), rollout, sampling.temperature)
+                    rollout = rollout.replace(old_logprobs=ours, exact_logprobs=True)
+            else:
+                rollout = sample_rollout(model, [ids[r] for r in rows], rows, [seeds[r] for r in rows], sampling,
+                                         eos, 0, "")
             texts[label] += decode_rollout(rollout, tokenizer.decode, eos)[1]
             lengths.append(rollout.action_mask.sum(1).float())
             with torch.no_grad():
@@ -112,7 +125,8 @@ def compare_models(models: Mapping[str, nn.Module], tokenizer: Tokenizer, prompt
 
 def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], prompts: Sequence[str], sampling: SamplingParams,
                          seed: int, *, gold: GoldFn | None = None, reward_model: str | Path | None = None,
-                         kl_reference: str | None = None, batch_size: int = 128) -> HeldoutComparison:
+                         kl_reference: str | None = None, batch_size: int = 128, engine: str = "native"
+                         ) -> HeldoutComparison:
     """`compare_models` on checkpoint directories (label → LM checkpoint). They must share one tokenizer (the
     comparison gives every model the same token prompts); ConfigError naming `models.<label>` otherwise."""
     models: dict[str, nn.Module] = {}
@@ -126,8 +140,9 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], prompts: Sequenc
     if tokenizer is None:
         raise ConfigError("models: no checkpoint to evaluate")
     rm = load_checkpoint(reward_model, kind="reward") if reward_model else None
+    engines = {label: make_engine(engine, path) for label, path in checkpoints.items()} if engine != "native" else None
     return compare_models(models, tokenizer, prompts, sampling, seed, gold=gold, reward_model=rm,
-                          kl_reference=kl_reference, batch_size=batch_size)
+                          kl_reference=kl_reference, batch_size=batch_size, engines=engines)
 
 
 def distinct_n(sequences: Sequence[Sequence[Any]], n: int) -> float:

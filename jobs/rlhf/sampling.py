@@ -16,10 +16,12 @@ from typing import Any
 import ray
 import torch
 
+from actors.engines import RolloutEngine, check_engine, make_engine
+from jobs.data.examples import encode_prompt
 from jobs.data.tasks import Comparison, ComparisonsError, TaskConfig, build_task, write_comparisons
-from models.checkpoint import load_checkpoint, tokenizer_path
+from models.checkpoint import tokenizer_path
 from models.config import ConfigError, field
-from models.generation import SamplingParams, generate
+from models.generation import SamplingParams
 from models.seeding import derive_seed
 from models.tokenizer import Tokenizer
 
@@ -37,6 +39,7 @@ class GenerateSection:
     sampling: SamplingParams = field(SamplingParams(), help="sampling (max_new_tokens 24 = the longest SFT "
                                                              "demonstration, so ~90% of SFT samples end with EOS)")
     batch_size: int = field(128, help="sequences generated together")
+    engine: str = field("native", help="rollout engine: 'native' or 'vllm' (the `vllm` extra)")
     workers: int = field(2, help="Ray tasks generating in parallel (1 CPU each)")
     seed: int = field(0, help="sampling seed")
 
@@ -50,26 +53,24 @@ class GenerateSection:
 
 
 
-def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], sampling: SamplingParams,
-                     seeds: Sequence[int], batch_size: int = 128) -> list[str]:
-    """One sampled response (decoded text, without EOS) per prompt; `seeds[i]` seeds row i alone, so a response
-    does not depend on its batch-mates."""
-
-    if len(seeds) != len(prompts):
-        raise ValueError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts")
-    model.eval()
+def sample_responses(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[str], sampling: SamplingParams,
+                     seeds: Sequence[int], n: int = 1, batch_size: int = 128) -> list[str]:
+    """`n` sampled responses per prompt (decoded text, without EOS), prompt i's at rows i·n … i·n + n − 1, with
+    the rollout engine `engine` (the prompt's prefill shared by its n samples); `seeds[i·n + j]` seeds row i·n + j
+    alone, so a response does not depend on its batch-mates."""
+    if len(seeds) != len(prompts) * n:
+        raise ValueError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts × {n} samples")
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        chunk = list(prompts[i:i + batch_size])
-        gen = generate(model, [tokenizer.encode(p) for p in chunk], sampling, eos_id=tokenizer.eos_id,
-                       seeds=[int(s) for s in seeds[i:i + len(chunk)]])
+        chunk = [encode_prompt(tokenizer, p) for p in prompts[i:i + batch_size]]
+        gen = engine.generate(chunk, sampling, eos_id=tokenizer.eos_id,
+                              seeds=[int(s) for s in seeds[i * n:(i + len(chunk)) * n]], n=n)
         for row, mask in zip(gen.response_ids.tolist(), gen.response_mask.tolist()):
             ids = [t for t, m in zip(row, mask) if m]
             if ids and ids[-1] == tokenizer.eos_id:
                 ids = ids[:-1]
             out.append(tokenizer.decode(ids))
     return out
-
 
 
 def sample_seed(seed: int, split: str, prompt_index: int, sample: int) -> int:
@@ -82,16 +83,14 @@ def label_shard(policy: str, task_cfg: TaskConfig, prompts: Sequence[str], first
                 gen: GenerateSection) -> tuple[list[Comparison], int]:
     """Sample K responses for each prompt of a shard and rank them; returns (comparisons, prompts dropped because
     a sample was empty). Runs inside a Ray task (or in-process)."""
-
-
     torch.set_num_threads(1)
-    model = load_checkpoint(policy, kind="lm")
+    engine = make_engine(gen.engine, policy)
     tokenizer = Tokenizer.from_file(tokenizer_path(policy))
     task = build_task(task_cfg)
     k = gen.k
-    flat = [p for p in prompts for _ in range(k)]
     seeds = [sample_seed(gen.seed, split, first_index + i, j) for i in range(len(prompts)) for j in range(k)]
-    responses = sample_responses(model, tokenizer, flat, gen.sampling, seeds, gen.batch_size)
+    responses = sample_responses(engine, tokenizer, prompts, gen.sampling, seeds, n=k,
+                                 batch_size=max(1, gen.batch_size // k))
     rows, dropped = [], 0
     for i, prompt in enumerate(prompts):
         resp = responses[i * k:(i + 1) * k]
@@ -129,6 +128,7 @@ def generate_comparisons(policy: str, task_cfg: TaskConfig, gen: GenerateSection
     if not task.has_labeler:
         raise ConfigError(f"task.name: task {task.name!r} has no labeler to rank new samples; pass recorded "
                           "comparisons instead")
+    check_engine(gen.engine, policy, "generate.engine")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     results: dict[str, list[Comparison]] = {}

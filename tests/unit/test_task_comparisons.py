@@ -129,17 +129,23 @@ def test_label_shard_ranks_by_labeler_and_ignores_sharding(tmp_path: Path, nano_
     assert [c.responses for c in other] != [c.responses for c in whole]  # splits use different seeds
 
 
-def test_sample_responses_uses_one_seed_per_row(nano_checkpoint: Path) -> None:
+def test_sample_responses_uses_one_seed_per_row_and_shares_a_prompt_across_its_group(nano_checkpoint: Path
+                                                                                       ) -> None:
+    from actors.engines.native import NativeEngine
     from jobs.rlhf.sampling import sample_responses
-    from models.checkpoint import load_checkpoint, tokenizer_path
+    from models.checkpoint import tokenizer_path
     from models.tokenizer import Tokenizer
 
-    model = load_checkpoint(nano_checkpoint, kind="lm")
+    engine = NativeEngine.from_checkpoint(nano_checkpoint)
     tok = Tokenizer.from_file(tokenizer_path(nano_checkpoint))
     s = SamplingParams(max_new_tokens=8)
-    a = sample_responses(model, tok, ["The sweet", "A sad", "The love"], s, [5, 6, 7], batch_size=2)
-    b = sample_responses(model, tok, ["The love", "The sweet"], s, [7, 5], batch_size=2)
+    a = sample_responses(engine, tok, ["The sweet", "A sad", "The love"], s, [5, 6, 7], batch_size=2)
+    b = sample_responses(engine, tok, ["The love", "The sweet"], s, [7, 5], batch_size=2)
     assert a[0] == b[1] and a[2] == b[0]
+    # n samples of one prompt (prefill shared) = the same prompt repeated with the same seeds
+    grouped = sample_responses(engine, tok, ["The sweet", "A sad"], s, [5, 8, 6, 9], n=2, batch_size=1)
+    repeated = sample_responses(engine, tok, ["The sweet", "The sweet", "A sad", "A sad"], s, [5, 8, 6, 9])
+    assert grouped == repeated and grouped[0] == a[0] and grouped[2] == a[1]
 
 
 def test_rm_job_refuses_bad_comparisons_before_writing(tmp_path: Path, nano_checkpoint: Path) -> None:
