@@ -100,6 +100,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def check_stop(v: Any) -> Any:
+    """`stop` of a completion or chat request: at most MAX_STOP sequences, none empty."""
+    stops = [v] if isinstance(v, str) else (v or [])
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+    if any(not s for s in stops):
+        raise ValueError("stop sequences must not be empty strings")
+    return v
+
+
 class CompletionRequest(BaseModel):
     """POST /v1/completions (https://platform.openai.com/docs/api-reference/completions/create)."""
 
@@ -142,12 +152,7 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: Any) -> Any:
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty strings")
-        return v
+        return check_stop(v)
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
@@ -202,6 +207,13 @@ class ChatRequest(BaseModel):
     presence_penalty: _Float = 0.0
     frequency_penalty: _Float = 0.0
     user: str | None = None
+
+    # The same rule as completions, checked here so that a bad `stop` is a 400 naming it, not a failure while
+    # the chat request is turned into a completion (found by the schema fuzz, tests/cluster/test_serve_chaos.py).
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        return check_stop(v)
 
     def to_completion(self) -> CompletionRequest:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
