@@ -36,7 +36,7 @@ from jobs.data.examples import batch_indices, encode_example, load_elements, ran
 from jobs.data.tasks import TaskConfig, build_task
 from jobs.data.tasks.base import stable_unit
 from jobs.rlhf.checkpoints import check_policy
-from jobs.rlhf.reward_model import REWARD_INPUT, fold_reward_offset, rm_loss_fn
+from jobs.rlhf.reward_model import REWARD_INPUT, fold_reward_offset, offset_norm_name, rm_loss_fn
 from jobs.rlhf.sampling import GenerateSection, generate_comparisons
 
 
@@ -137,6 +137,10 @@ def run(cfg: RMConfig) -> dict[str, Any]:
     mcfg = read_config(cfg.init_from)[0]
     cfg.parallel.validate()
     cfg.parallel.check_model(mcfg)
+    try:
+        offset_norm_name(mcfg)  # where the reward normalisation will be folded (GPT-1: the last block's ln_2)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.data.max_tokens > mcfg.n_ctx:
         raise ConfigError(f"data.max_tokens: {cfg.data.max_tokens} exceeds the model's n_ctx={mcfg.n_ctx}")
     tok_file = tokenizer_path(cfg.init_from)
@@ -237,7 +241,8 @@ def train_loop(c: dict[str, Any]) -> None:
         after = float(score_sequences(rm, c["norm"], c["pad_id"]).mean())
         extra["reward_normalization"] = {
             "offset_subtracted": offset, "demonstrations": len(c["norm"]), "mean_after": after,
-            "stored_in": "transformer.ln_f.bias, shifted by -offset * score.weight / |score.weight|^2"}
+            "stored_in": f"{offset_norm_name(rm.config)}.bias, shifted by -offset * score.weight / "
+                         "|score.weight|^2"}
     save_checkpoint(rm, Path(c["run_dir"]) / "checkpoint", kind="reward", tokenizer=c["tokenizer"], extra=extra)
 
 

@@ -40,14 +40,28 @@ def rm_loss_fn(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
 
 
+def offset_norm_name(cfg: Any) -> str:
+    """The LayerNorm whose output is the reward head's input h (its bias then feeds nothing but the head):
+    GPT-2's final LayerNorm, or — GPT-1 has none (post-LN blocks, Radford et al. 2018 §3.1) — the last block's
+    second LayerNorm. ValueError for a layout where h does not end in a LayerNorm (pre-LN without final LN)."""
+    if cfg.final_ln:
+        return "transformer.ln_f"
+    if cfg.ln_placement == "post":
+        return f"transformer.h.{cfg.n_layer - 1}.ln_2"
+    raise ValueError("init_from: a pre-LN model without a final LayerNorm has no bias feeding only the reward "
+                     "head, so the reward normalisation cannot be folded into its weights")
+
+
 def fold_reward_offset(model: Any, offset: float) -> None:
     """Make r'(x) = r(x) − offset for every input, inside the weights.
 
-    The head score(h) = w·h has no bias (GPT2ForSequenceClassification's layout), but h = LN_f(·) ends with the
-    final LayerNorm's bias β, which in a reward model feeds nothing but the head. β ← β − offset·w/‖w‖² gives
-    w·h' = w·h − offset exactly, for every position, in any framework that loads the weights.
+    The head score(h) = w·h has no bias (GPT2ForSequenceClassification's layout), but h ends with a LayerNorm's
+    bias β (`offset_norm_name`: LN_f, or GPT-1's last ln_2), which in a reward model feeds nothing but the head.
+    β ← β − offset·w/‖w‖² gives w·h' = w·h − offset exactly, for every position, in any framework that loads
+    the weights.
     """
 
+    norm = model.get_submodule(offset_norm_name(model.config))
     with torch.no_grad():
         w = model.score.weight[0]
-        model.transformer.ln_f.bias -= offset * w / w.dot(w)
+        norm.bias -= offset * w / w.dot(w)
