@@ -218,6 +218,7 @@ def plan(cfg: ServeConfig) -> str:
     reps = f"{s.min_replicas}..{s.max_replicas} (autoscaling)" if s.max_replicas > s.min_replicas else s.max_replicas
     lines = [f"http://{cfg.http.host}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}/v1  "
              f"(ingress × {cfg.http.ingress_replicas}, api key: {'on' if api_key_sha256(cfg) else 'off'})"]
-    lines += [f"  model-{n}: {p}  replicas {reps}, {s.num_cpus:g} CPU each, batch ≤ {b.max_batch_size} rows "
-              f"/ {b.batch_wait_timeout_s:g} s" for n, p in specs.items()]
+    decode = (f"vLLM, KV cache {cfg.vllm.kv_cache_gib:g} GiB, ≤ {cfg.vllm.max_num_seqs} choices" if cfg.engine == "vllm"
+              else f"batch ≤ {b.max_batch_size} rows / {b.batch_wait_timeout_s:g} s")
+    lines += [f"  model-{n}: {p}  replicas {reps}, {s.num_cpus:g} CPU each, {decode}" for n, p in specs.items()]
     return "\n".join(lines)
