@@ -14,8 +14,9 @@ Pipeline (docs/DATA.md, "Pipeline"):
 
 Memory: a read task holds one block of text plus `MAX_DOC_CHARS` (or one Parquet record batch); an actor one
 block of text and its tokens; the driver one Ray block and one row group per split; blocks in flight are capped
-by Ray Data's object-store budget (`inflight_bytes`). None of it grows with the corpus; the driver also holds the
-n name keys (8 bytes per document) during the names pass.
+by Ray Data's object-store budget (max(128 MiB, 4 · workers · block)); at most ⌈workers / 16⌉ read tasks run at
+once (each Ray worker process costs ~150 MB of RSS before it reads a byte). None of it grows with the corpus;
+the driver also holds the n name keys (8 bytes per document) during the names pass.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from jobs.data.shards import order_key, tokenize_table
 from jobs.data.sources import InputFile, list_inputs, read_documents
 
 READ_CPUS = 0.25  # per read task: reading and hashing are light next to tokenising
+# Concurrent read tasks: one reader (≥ 100 MB/s of decoding and hashing) feeds ~16 tokeniser actors (~1 MB/s each).
+# Capping them keeps the number of Ray worker processes — ~150 MB of RSS each — from growing with free CPUs.
+ACTORS_PER_READER = 16
 
 
 def _files_of(batch: dict[str, np.ndarray]) -> Iterator[tuple[int, InputFile]]:
@@ -122,7 +126,7 @@ def ray_row_tables(source: str, tokenizer: Any, validation_fraction: float, row_
     if workers * cpus_per_worker + READ_CPUS > cpus:
         raise DataError(f"workers: {workers} tokeniser actors × {cpus_per_worker} CPU + {READ_CPUS} CPU for reading "
                         f"do not fit the cluster's {cpus:g} CPUs; lower workers or cpus_per_worker")
-    ctx = _quiet_data_context(block_bytes, max(256 << 20, 8 * workers * block_bytes))
+    ctx = _quiet_data_context(block_bytes, max(128 << 20, 4 * workers * block_bytes))
     log = logging.getLogger("ray.data")
     level = log.level
     log.setLevel(logging.ERROR)  # e.g. "progress bars disabled": a warning per process
@@ -138,8 +142,9 @@ def _row_tables(source: str, tokenizer: Any, validation_fraction: float, row_tok
                 workers: int, cpus_per_worker: float, block_bytes: int, status: Callable[[str], None]
                 ) -> Iterator[pa.Table]:
     import ray.data
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
+    readers = TaskPoolStrategy(size=-(-workers // ACTORS_PER_READER))
     if source in ("shakespeare", "pydoc"):  # built-in corpora are small: read on the driver
         docs = load_documents(source)
         rule = HoldOut.from_keys(np.array([name_key(d.name) for d in docs], dtype=np.uint64), validation_fraction,
@@ -162,13 +167,14 @@ def _row_tables(source: str, tokenizer: Any, validation_fraction: float, row_tok
         status(f"prepare: names pass over {len(files):,} files ({sum(f.size for f in files) / 1e6:,.1f} MB)")
         keys = [b["key"] for b in listing.map_batches(
             _keys_of_files, batch_size=1, batch_format="numpy", fn_kwargs={"text_field": text_field},
-            num_cpus=READ_CPUS).iter_batches(batch_size=None, batch_format="numpy")]
+            num_cpus=READ_CPUS, compute=readers).iter_batches(batch_size=None, batch_format="numpy")]
         all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
         if not all_keys.size:
             raise DataError(f"corpus {source!r}: empty (no non-empty documents)")
 
         def names_with(ks: set[int]) -> list[str]:
             out = listing.map_batches(_names_with_keys, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
+                                      compute=readers,
                                       fn_kwargs={"text_field": text_field, "keys": ks})
             return [str(n) for b in out.iter_batches(batch_size=None, batch_format="numpy") for n in b["name"]]
 
@@ -177,7 +183,7 @@ def _row_tables(source: str, tokenizer: Any, validation_fraction: float, row_tok
         except DataError as e:
             raise DataError(f"corpus {source!r}: {e}") from None
         status(f"prepare: {all_keys.size:,} documents; tokenising with {workers} actor(s)")
-        ds = listing.map_batches(_read_files, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
+        ds = listing.map_batches(_read_files, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS, compute=readers,
                                  fn_kwargs={"text_field": text_field, "rule": rule, "block_bytes": block_bytes})
     # max_restarts=0: a dead actor fails the run (re-running prepare is deterministic) instead of being restarted
     # from constructor arguments that may have left the object store (ray #53727).
