@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from models.generation import SamplingParams, left_pad, sample_next
 from models.gpt import GPT, KVCache, attention_mask_4d
 from models.packed import available, packed_twin
+from models.sampling import SamplingParams, left_pad, sample_next
 
 DROP_DEAD_FRACTION = 0.25  # drop dead slots once this share of the batch is dead and nothing waits
 CACHE_BUDGET_BYTES = 4 * 2**30  # max_rows=None: as many slots as a 4 GiB KV cache holds

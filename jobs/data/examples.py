@@ -153,8 +153,8 @@ def rm_batch(elements: Sequence[Element], pad_id: int) -> dict[str, Any]:
 
 def load_elements(path: Path, tokenizer: Any, max_tokens: int) -> tuple[list[Element], int]:
     """Validated comparisons of `path` (a file, directory or glob of K-wise or pairwise preferences;
-    jobs/data/user_data.py), tokenised; (elements, prompts dropped as too long)."""
-    from jobs.data.user_data import read_preferences
+    jobs/data/tasks/user_data.py), tokenised; (elements, prompts dropped as too long)."""
+    from jobs.data.tasks.user_data import read_preferences
 
     elements, dropped = [], 0
     for c in read_preferences(path):

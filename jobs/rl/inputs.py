@@ -85,7 +85,7 @@ class PromptSet:
     def load(cls, cfg: PPOJobConfig, tok: Any, split: str, source: str | None = None,
              limit: int | None = None) -> PromptSet:
         """Prompts of `split` from the task, the lines of a .txt file, or the prompts of a user data file
-        (jobs/data/user_data.py `read_prompts`); encoded and checked against n_ctx."""
+        (jobs/data/tasks/user_data.py `read_prompts`); encoded and checked against n_ctx."""
         source = source or cfg.prompts.source
         if source == "task":
             try:
@@ -101,7 +101,7 @@ class PromptSet:
             where = f"prompts file {source}"
         else:  # user data (JSONL/Parquet file, directory or glob): messages are rendered with the chat template
             from jobs.data.corpus import DataError
-            from jobs.data.user_data import read_prompts
+            from jobs.data.tasks.user_data import read_prompts
 
             try:
                 texts = read_prompts(source)

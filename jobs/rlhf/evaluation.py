@@ -18,7 +18,7 @@ from actors.engines import RolloutEngine, make_engine
 from actors.reward import decode_rollout, reward_inputs, score_sequences
 from jobs.data.corpus import load_documents, split_documents
 from jobs.data.examples import encode_example, encode_prompt
-from jobs.data.user_data import read_preferences
+from jobs.data.tasks.user_data import read_preferences
 from jobs.rlhf.checkpoints import load_lm
 from jobs.rlhf.sampling import sample_seed
 from models.checkpoint import load_checkpoint, read_config

@@ -32,10 +32,10 @@ class Pair(NamedTuple):
 
 
 def load_pairs(path: str | Path, tokenizer: Any, max_tokens: int) -> tuple[list[Pair], dict[str, int]]:
-    """All C(K,2) pairs of every comparison in `path` (K-wise or pairwise rows; jobs/data/user_data.py) whose
+    """All C(K,2) pairs of every comparison in `path` (K-wise or pairwise rows; jobs/data/tasks/user_data.py) whose
     longest prompt + response + EOS fits `max_tokens`; (pairs, counts). ConfigError naming `comparisons` (and the
     file/row) for an unreadable file or rows without a ranking."""
-    from jobs.data.user_data import read_preferences
+    from jobs.data.tasks.user_data import read_preferences
 
     try:
         comparisons = read_preferences(path)

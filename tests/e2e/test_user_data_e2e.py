@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BIN = Path(sys.executable).parent
 def base_checkpoint(root: Path, data: dict[str, str]) -> str:
     """A random `nano` LM with a byte-level BPE trained on the rendered chats (seconds; no pretraining)."""
-    from jobs.data.user_data import read_demonstrations
+    from jobs.data.tasks.user_data import read_demonstrations
     from models.chat import render
     from models.checkpoint import save_checkpoint
     from models.config import GPTConfig
@@ -110,7 +110,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_sft_rm_ppo_learn_from_user_files(pipeline: dict[str, Any]) -> None:
     from jobs.data.tasks.base import heldout_prompt
-    from jobs.data.user_data import read_demonstrations
+    from jobs.data.tasks.user_data import read_demonstrations
 
     runs = pipeline["runs"]
     print(pipeline["seconds"])

@@ -1,4 +1,4 @@
-"""Bring-your-own-data readers (jobs/data/user_data.py), the `files` task, conversational SFT examples and the jobs'
+"""Bring-your-own-data readers (jobs/data/tasks/user_data.py), the `files` task, conversational SFT examples, the jobs
 refusal of malformed rows before anything is written."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from jobs.config import ConfigError, from_dict
 from jobs.data.examples import ChatExample, encode_demonstration, sft_batch
 from jobs.data.tasks import FilesTask, TaskConfig, TaskError, build_task
 from jobs.data.tasks.base import heldout_prompt
-from jobs.data.user_data import (
+from jobs.data.tasks.user_data import (
     UserDataError,
     detect_format,
     expand,
@@ -213,7 +213,7 @@ def test_chat_example_trains_exactly_the_assistant_turns(tok) -> None:
 
 
 def read_demonstrations_from_rows(rows: list[dict]) -> list:
-    from jobs.data.user_data import Row, demonstration
+    from jobs.data.tasks.user_data import Row, demonstration
 
     return [demonstration(Row(f"mem: row {i}", r), "messages") for i, r in enumerate(rows)]
 

@@ -4,7 +4,7 @@ Built-in tasks, chosen by `TaskConfig.name`:
 - "positive-verse" (default): continue a line of Shakespeare so it reads positive; labeler = VADER.
 - "labelled": your own recorded comparisons (Parquet/JSONL: prompt, responses, ranking) in `task.data`.
 - "files": your own data in any user format (prompt-completion, messages, pairwise, kwise, prompts;
-  jobs/data/user_data.py) in `task.data` (+ `task.heldout_data`).
+  jobs/data/tasks/user_data.py) in `task.data` (+ `task.heldout_data`).
 - "package.module:ClassName": your own `Task` subclass, constructed as `ClassName(**task.options)`.
 """
 

@@ -1,4 +1,4 @@
-"""The `files` task: your own data files (jobs/data/user_data.py) behind the Task interface every job reads.
+"""The `files` task: your own data files (jobs/data/tasks/user_data.py) behind the Task interface every job reads.
 
 `task.data` names a file, directory or glob in one of the user formats (prompt-completion, messages, pairwise,
 kwise, prompts; detected from the columns unless `task.format` says). What the task offers depends on it:
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from jobs.data.tasks.base import Demonstration, Split, Task, TaskError, check_split, heldout_prompt
+from jobs.data.tasks import user_data as ud
 from jobs.data.tasks.labelled import Comparison
 
 T = TypeVar("T")
@@ -29,9 +30,6 @@ class FilesTask(Task):
     name = "files"
 
     def __init__(self, data: str, heldout_data: str = "", heldout_fraction: float = 0.1, fmt: str = "auto") -> None:
-        # imported here: user_data imports this package's base/labelled modules
-        from jobs.data import user_data as ud
-
         if not data:
             raise TaskError("task.data: the 'files' task needs a data file, directory or glob")
         if not 0.0 < heldout_fraction < 1.0:
