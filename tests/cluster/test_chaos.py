@@ -14,7 +14,7 @@ no fault hook inside the job is armed.
 
 Stated tolerance: losses relative 1e-5, weights absolute 1e-5 (runs restart from an exact checkpoint: data
 position = step, RNG state saved; in practice the results are bitwise equal). The pretrain tests run in
-`make test`; SFT, RM and PPO are marked `chaos` (`make chaos`).
+`make test` (worker kill) and `make chaos` (driver kill); SFT, RM and PPO are marked `chaos`.
 """
 
 from __future__ import annotations
@@ -215,6 +215,7 @@ def test_pretrain_survives_a_killed_train_worker(head, data, tmp_path) -> None:
     worker_kill(head, data, tmp_path, "pretrain", seed=1)
 
 
+@pytest.mark.chaos  # ~1.5 min: make chaos (make test keeps the worker kill)
 def test_pretrain_driver_killed_then_rerun_continues_from_the_last_checkpoint(head, data, tmp_path) -> None:
     driver_kill(head, data, tmp_path, "pretrain", seed=2)
 
