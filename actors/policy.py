@@ -40,6 +40,7 @@ from cluster.deepspeed_engine import (
     save_engine,
 )
 from cluster.worker_group import DistributedWorker
+from models import packed
 from models.advantages import KLKind
 from models.generation import SamplingParams, tempered
 from models.losses import LossAgg, entropy_from_logits, lm_loss, policy_loss
@@ -201,6 +202,7 @@ class PolicyWorker(DistributedWorker):
                 if norm is not None:
                     sums["grad_norm"] += float(norm)
                 step += 1
+        packed.invalidate(eng.module)  # ZeRO wrote the new weights through .data: drop the sampler's packed copy
         self.version += 1
         metrics = {**{k: v / steps for k, v in sums.items()}, **gap}
         return UpdateResult(metrics, self.weights_info())

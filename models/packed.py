@@ -60,3 +60,10 @@ def packed_twin(model: nn.Module) -> nn.Module:
     twin = _twin(model).eval()
     _TWINS[model] = (key, twin)
     return twin
+
+
+def invalidate(model: nn.Module) -> None:
+    """Forget `model`'s packed twin. For weights written behind autograd's back — DeepSpeed ZeRO copies its
+    updated partitions into the parameters through `.data`, which leaves their version counters unchanged, so
+    the cache key above cannot see an optimizer step there."""
+    _TWINS.pop(model, None)
