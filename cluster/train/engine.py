@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cluster.deepspeed_engine import EngineSpec, OptimConfig, load_engine, save_engine
+from cluster.deepspeed_engine import EngineSpec, OptimConfig, collective_device, load_engine, save_engine
 from cluster.deepspeed_engine import full_state_dict as ds_full_state_dict
 from cluster.faults import FaultPlan
 from cluster.train.config import (
@@ -72,6 +72,7 @@ from cluster.train.config import (
     ParallelConfig,
 )
 from models.config import ConfigError
+from models.files import write_json
 
 # The job modules import the whole training API from here: the config sections are re-exported.
 __all__ = ["OptimConfig", "ParallelConfig", "FineTuneParallelConfig", "CheckpointConfig", "FailureConfig",
@@ -274,8 +275,9 @@ class TrainEngine:
 
         out = {k: float(v) for k, v in values.items()}
         if names and self.ctx.dp_size > 1:
-            t = torch.stack([values[k].to(self.ctx.device) for k in names])
-            dist.all_reduce(t, group=self.ctx.groups.dp_group)
+            group = self.ctx.groups.dp_group
+            t = torch.stack([values[k].to(collective_device(group)) for k in names])  # cuda under nccl
+            dist.all_reduce(t, group=group)
             out.update({k: float(x) / self.ctx.dp_size for k, x in zip(names, t.tolist())})
         return out
 
@@ -293,7 +295,7 @@ class TrainEngine:
             data = {**asdict(self.state), "world_size": self.ctx.world_size,
                     "topology": {"data": topo.dp, "tensor": topo.tp, "pipeline": topo.pp},
                     "zero_stage": self.ctx.parallel.zero_stage, "model": _model_fingerprint(self.model_cfg)}
-            _write_json(directory / STATE_FILE, data)
+            write_json(directory / STATE_FILE, data)
 
     def log(self, row: dict[str, Any]) -> None:
         """Buffer one metrics row for the current step (sent with the next `flush`). Ray Train accepts about
@@ -367,20 +369,43 @@ class TrainEngine:
         return sd
 
     def export(self, path: str | Path, tokenizer: Any = None, kind: str | None = None,
-               extra: dict[str, Any] | None = None) -> Path | None:
+               extra: dict[str, Any] | None = None, model: nn.Module | None = None) -> Path | None:
         """Collective: write the full model as an HF GPT-2 directory at `path` (rank 0 writes; others return
-        None). The model is rebuilt unsharded from `model_cls(model_cfg)` and checked to load strictly."""
+        None). The model is rebuilt unsharded from `model_cls(model_cfg)` and checked to load strictly.
+        T5 / ELMo (models/registry.py): rank 0 passes `model`, a fresh module of the same shape (ELMo's needs the
+        tokenizer), and the directory is that architecture's format (`save_model`; `kind`/`extra` are GPT's)."""
         from models.checkpoint import save_checkpoint
+        from models.config import arch_of
 
         sd = self.full_state_dict()
         if self.ctx.rank != 0:
             return None
+        if arch_of(self.model_cfg) != "gpt":
+            from models.registry import save_model
+
+            if model is None:
+                raise ValueError(f"export: a {arch_of(self.model_cfg)} model needs `model` (a fresh module)")
+            for names in _tied_names(model):  # tied weights are gathered once, under their first name
+                have = next((n for n in names if n in sd), None)
+                for n in names:
+                    if have is not None and n not in sd:
+                        sd[n] = sd[have]
+            model.load_state_dict(sd, strict=True)
+            return save_model(model, path, tokenizer)
         model = self.model_cls(self.model_cfg)
         if getattr(self.model_cfg, "tie_embeddings", False) and "lm_head.weight" not in sd and \
                 hasattr(model, "lm_head"):
             sd["lm_head.weight"] = sd["transformer.wte.weight"]
         model.load_state_dict(sd, strict=True)
         return save_checkpoint(model, path, kind=kind, tokenizer=tokenizer, extra=extra)
+
+
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that are one tensor (e.g. T5's shared / embed_tokens / tied lm_head)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def _pipe_items(micro: list[Batch]) -> list[tuple[Tensor, Any]]:
@@ -392,13 +417,8 @@ def _pipe_items(micro: list[Batch]) -> list[tuple[Tensor, Any]]:
 
 
 def _model_fingerprint(cfg: Any) -> dict[str, Any]:
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else {}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    # as JSON reads it back (ElmoConfig.filters is a tuple of tuples, a list of lists in trainer_state.json)
+    return json.loads(json.dumps(cfg.to_dict())) if hasattr(cfg, "to_dict") else {}
 
 
 def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig, ctx: WorkerContext,

@@ -19,6 +19,7 @@ from typing import Any
 
 from cluster.train.config import ParallelConfig
 from models.config import ConfigError
+from models.files import write_atomic
 
 
 def _single_node() -> bool:
@@ -69,9 +70,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 def _truncate_rows(path: Path, step: int) -> None:
     keep = [r for r in _read_rows(path) if r.get("step", -1) < step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    tmp.replace(path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 class Progress:
