@@ -16,6 +16,7 @@ never lost.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import warnings
@@ -28,6 +29,10 @@ RAY_INTERNAL_ACTORS = re.compile(
 NOISY_WARNING = re.compile(r"(site-packages|dist-packages)/.*: (DeprecationWarning|FutureWarning|"
                            r"PendingDeprecationWarning|RayDeprecationWarning)\b")
 SOURCE_LINE = re.compile(r"^\s{2,}\S")  # the indented source line Python prints under a warning
+
+# Driver-side Ray loggers whose warnings are notices, not problems (token auth is on by default in Ray 2.60 and
+# says so at every start): they go to the file too.
+NOISY_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"file": None, "path": None, "installed": False}
@@ -85,6 +90,19 @@ def _showwarning(original: Any) -> Any:
         original(message, category, filename, lineno, file, line)
 
     return show
+
+
+class _FileHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _write([self.format(record)], record.name)
+
+
+def quiet_loggers() -> None:
+    """Route NOISY_LOGGERS to the file (call before `ray.init`: they speak during it)."""
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [_FileHandler()]
+        logger.propagate = False
 
 
 def redirect(path: str | Path) -> None:

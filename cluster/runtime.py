@@ -50,6 +50,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         local_env()  # before importing ray: it reads these at import time
     import ray
 
+    console.redirect(console.log_path() or Path(tempfile.gettempdir()) / "raygpt-ray-console.log")
+    console.quiet_loggers()
+
     if ray.is_initialized():
         return ray.cluster_resources()
     if is_embedded(address):
@@ -64,7 +67,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     else:
         ray.init(address=address or os.environ["RAY_ADDRESS"], logging_level="WARNING", **kwargs)
     # Ray's internal chatter to a file, not the terminal (cluster/console.py); jobs point it at their run dir.
-    console.install(console.log_path() or Path(tempfile.gettempdir()) / "raygpt-ray-console.log")
+    console.install(console.log_path())
     return ray.cluster_resources()
 
 
