@@ -5,7 +5,9 @@ What goes to the file instead of the terminal (everything else is printed as Ray
   proxies, Ray Data's stats actor): their "Failed to query Ray Train Controller actor state" retries alone ran to
   hundreds of lines in a demo;
 - Python deprecation/future warnings raised inside third-party packages (site-packages), in the workers (as log
-  lines) and in the driver (`warnings.showwarning`), with the source line Python prints under each.
+  lines) and in the driver (`warnings.showwarning`), with the source line Python prints under each;
+- per-worker start-up notices of the libraries under our workers (Ray Train's process-group line, DeepSpeed's
+  "Setting accelerator to CPU"), and Ray's own notices (log deduplication, token authentication).
 Warnings raised by our own code, errors, tracebacks and everything our workers print still reach the terminal.
 
 `install(path)` hooks the driver's copy of worker output (Ray's `WorkerStandardStreamDispatcher`, the mechanism
@@ -29,6 +31,9 @@ RAY_INTERNAL_ACTORS = re.compile(
 NOISY_WARNING = re.compile(r"(site-packages|dist-packages)/.*: (DeprecationWarning|FutureWarning|"
                            r"PendingDeprecationWarning|RayDeprecationWarning)\b")
 SOURCE_LINE = re.compile(r"^\s{2,}\S")  # the indented source line Python prints under a warning
+# Notices printed inside our workers by the libraries under them, on every start of every worker.
+NOISY_LINES = re.compile(r"Setting up process group for: |\[real_accelerator\.py:\d+:get_accelerator\] Setting "
+                         r"accelerator to CPU|Ray deduplicates logs by default")
 
 # Driver-side Ray loggers whose warnings are notices, not problems (token auth is on by default in Ray 2.60 and
 # says so at every start): they go to the file too.
@@ -57,7 +62,7 @@ def split_lines(lines: list[str], internal: bool) -> tuple[list[str], list[str]]
     dropped: list[str] = []
     skip_source = False
     for line in lines:
-        if NOISY_WARNING.search(line):
+        if NOISY_WARNING.search(line) or NOISY_LINES.search(line):
             dropped.append(line)
             skip_source = True
         elif skip_source and SOURCE_LINE.match(line):

@@ -13,10 +13,13 @@ TORCH_WARNING = ("/x/.venv/lib/python3.11/site-packages/torch/nn/modules/module.
 
 def test_split_lines_drops_third_party_deprecations_with_their_source_line() -> None:
     lines = ["[pretrain] step 3 loss 4.1", TORCH_WARNING, "  return forward_call(*args, **kwargs)",
-             "/work/main/models/gpt.py:10: UserWarning: our own warning", "Traceback (most recent call last):"]
+             "/work/main/models/gpt.py:10: UserWarning: our own warning", "Traceback (most recent call last):",
+             "[2026-12-01 11:26:00,778] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to "
+             "CPU. If you have GPU or other accelerator, we were unable to detect it.",
+             "Setting up process group for: file:///x/store-1 [rank=0, world_size=2]"]
     kept, dropped = console.split_lines(lines, internal=False)
     assert kept == [lines[0], lines[3], lines[4]]
-    assert dropped == [lines[1], lines[2]]
+    assert dropped == [lines[1], lines[2], lines[5], lines[6]]
 
 
 def test_internal_actors_are_dropped_whole() -> None:
