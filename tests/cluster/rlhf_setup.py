@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 
-def build_learned_reward(root: Path, train_prompts: int = 512, heldout_prompts: int = 64, k: int = 4,
-                         rm_steps: int = 64, max_new_tokens: int = 10) -> dict[str, Any]:
+def build_learned_reward(root: Path, train_prompts: int = 4096, heldout_prompts: int = 128, k: int = 4,
+                         rm_steps: int = 300, rm_lr: float = 3e-3, max_new_tokens: int = 10) -> dict[str, Any]:
     """{"sft", "tokenizer", "comparisons" (dir with train/heldout.parquet), "rm", "rm_summary"} under `root`.
     Needs a running Ray cluster (comparisons are sampled by Ray tasks, the RM trains on Ray Train)."""
     from ppo_setup import build_gold_artifacts
@@ -31,7 +31,7 @@ def build_learned_reward(root: Path, train_prompts: int = 512, heldout_prompts: 
         generate_comparisons(art["sft"], TaskConfig(), section, comparisons)
     summary = rm.run(from_dict(rm.RMConfig, {
         "name": "rm", "runs_root": str(root), "init_from": art["sft"], "comparisons": str(comparisons),
-        "data": {"max_tokens": 48}, "optim": {"max_steps": rm_steps, "micro_batch_size": 16, "lr": 1e-3},
+        "data": {"max_tokens": 48}, "optim": {"max_steps": rm_steps, "micro_batch_size": 16, "lr": rm_lr},
         "parallel": {"num_workers": 1}, "normalize_demonstrations": 256, "eval_every": rm_steps,
         "checkpoint": {"every_n_steps": rm_steps}}))
     return {**art, "comparisons": str(comparisons), "rm": summary["checkpoint"], "rm_summary": summary}
