@@ -4,10 +4,8 @@ Ray cluster, ending with runs/demo/report.md and its plots.
     tokenizer → prepare → pretrain → SFT → comparisons → RM → PPO-ptx [→ GRPO, RLOO, REINFORCE++, DPO] → eval
     → serve one request → report
 
-`--algorithms ppo,grpo,rloo,reinforce_pp,dpo` adds those algorithms as stages, all from the same SFT model and
-reward model (DPO from the RM's comparisons); the eval stage then compares every one of them with the SFT model
-(the one held-out evaluation, jobs/rlhf/evaluation.py) and the report adds a side-by-side table and a plot of
-gold reward against KL. The default is PPO alone.
+`--algorithms ppo,grpo,rloo,reinforce_pp,dpo` adds stages from the same SFT and RM (DPO: the RM's comparisons);
+the eval stage compares them all with SFT and the report adds a table and a gold-vs-KL plot (default: PPO alone).
 
 Each stage is the job itself: its config class is loaded from the demo config's section of the same name (any
 field of `raygpt <stage>`; the wiring between stages — run directories under runs/<name>/, checkpoints,
@@ -122,11 +120,6 @@ def _paths(cfg: DemoConfig) -> dict[str, str]:
             **{a: f"{r}/{a}/checkpoint" for a in EXTRA_ALGORITHMS}}
 
 
-def _algorithms(cfg: DemoConfig) -> list[str]:
-    """The algorithms of this demo in stage order (ppo first)."""
-    return [a for a in ("ppo", *EXTRA_ALGORITHMS) if a in cfg.algorithms]
-
-
 @dataclass(frozen=True)
 class Stage:
     name: str          # the DemoConfig section (and the `raygpt` subcommand unless `job` names another)
@@ -136,14 +129,11 @@ class Stage:
     only: str | None = None  # run only when this algorithm is in DemoConfig.algorithms
 
 
-# The algorithms `--algorithms` may add to PPO, with their stage defaults: the critic-free ones sample 4 responses
-# to each of 8 prompts, the same 32 responses per iteration as PPO's 32 prompts (REINFORCE++ needs no groups).
-EXTRA_ALGORITHMS: dict[str, dict[str, Any]] = {
-    "grpo": {"algorithm": "grpo", "group_size": 4, "batch_size": 8},
-    "rloo": {"algorithm": "rloo", "group_size": 4, "batch_size": 8},
-    "reinforce_pp": {"algorithm": "reinforce_pp"},
-    "dpo": {},
-}
+# What `--algorithms` may add to PPO, with stage defaults: GRPO/RLOO sample 4 responses to each of 8 prompts, PPO's
+# 32 responses per iteration (REINFORCE++ needs no groups).
+EXTRA_ALGORITHMS: dict[str, dict[str, Any]] = {"grpo": {"algorithm": "grpo", "group_size": 4, "batch_size": 8},
+                                               "rloo": {"algorithm": "rloo", "group_size": 4, "batch_size": 8},
+                                               "reinforce_pp": {"algorithm": "reinforce_pp"}, "dpo": {}}
 
 
 def _online(name: str) -> Stage:
@@ -187,7 +177,8 @@ STAGES: list[Stage] = [
     Stage("eval", "held-out evaluation: gold and proxy reward, win rate, RM accuracy",
           lambda c: {**_run_named("eval")(c), "models": {"pretrained": _paths(c)["pretrain"],
                                                            "sft": _paths(c)["sft"],
-                                                           **{a: _paths(c)[a] for a in _algorithms(c)}},
+                                                           **{a: _paths(c)[a] for a in ("ppo", *EXTRA_ALGORITHMS)
+                                                              if a in c.algorithms}},
                      "reward_model": _paths(c)["rm"]}),
 ]
 
@@ -384,13 +375,9 @@ def _plan_text(cfg: DemoConfig) -> str:
         f"\n{len(planned) + 1}. serve: one request\n{len(planned) + 2}. report: {root_of(cfg)}/report.md"
 
 
-def _algorithm_list(text: str) -> list[str]:
-    return [a.strip() for a in text.split(",") if a.strip()]
-
-
 JOB = JobSpec(DemoConfig, run, "raygpt demo", plan=_plan_text, args=(
     Arg(("--algorithms",), "algorithms", "comma-separated algorithms compared from the same SFT and RM, e.g. "
-        "ppo,grpo,rloo,reinforce_pp,dpo (default: ppo)", type=_algorithm_list),))
+        "ppo,grpo,rloo,reinforce_pp,dpo (default: ppo)", type=lambda t: [a.strip() for a in t.split(",") if a]),))
 
 
 def main(argv: list[str] | None = None) -> int:
