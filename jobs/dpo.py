@@ -27,13 +27,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cluster.train.engine import CheckpointConfig, FailureConfig, FineTuneParallelConfig, OptimConfig, launch
+from actors.base import disable_dropout
+from cluster.runtime import init_ray
+from cluster.train.engine import (
+    CheckpointConfig,
+    FailureConfig,
+    FineTuneParallelConfig,
+    OptimConfig,
+    build_engine,
+    init_worker,
+    launch,
+)
 from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
 from jobs.data.examples import batch_indices, rank_slice
-from jobs.data.tasks import TaskConfig
+from jobs.data.tasks import TaskConfig, build_task
 from jobs.rlhf.checkpoints import check_policy
+from jobs.rlhf.evaluation import evaluate_checkpoints
+from jobs.rlhf.preference import load_pairs, pair_batch, preference_loss_fn, reference_logprobs_on_ray
+from jobs.runs import start_run
+from models.checkpoint import load_checkpoint, read_config, tokenizer_path
 from models.generation import SamplingParams
+from models.tokenizer import Tokenizer
 
 
 @dataclass
@@ -131,14 +146,6 @@ def comparison_files(cfg: DPOConfig) -> tuple[Path, Path | None]:
 
 # --- driver ---------------------------------------------------------------------------------------------------
 def run(cfg: DPOConfig) -> dict[str, Any]:
-    from cluster.runtime import init_ray
-    from jobs.data.tasks import build_task
-    from jobs.rlhf.evaluation import evaluate_checkpoints
-    from jobs.rlhf.preference import load_pairs, reference_logprobs_on_ray
-    from jobs.runs import start_run
-    from models.checkpoint import read_config, tokenizer_path
-    from models.tokenizer import Tokenizer
-
     check_policy(cfg.init_from, "init_from")
     reference = cfg.reference or cfg.init_from
     check_policy(reference, "reference")
@@ -195,11 +202,6 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
 # --- worker ---------------------------------------------------------------------------------------------------
 def train_loop(c: dict[str, Any]) -> None:
     """Per-worker loop on the shared engine; the objective is `preference_loss_fn`."""
-    from actors.base import disable_dropout
-    from cluster.train.engine import build_engine, init_worker
-    from jobs.rlhf.preference import pair_batch, preference_loss_fn
-    from models.checkpoint import load_checkpoint
-
     cfg: DPOConfig = c["cfg"]
     o = cfg.optim
     ctx = init_worker(cfg.parallel, cfg.seed)

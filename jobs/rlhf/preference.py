@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import ray
 import torch
 from torch import Tensor, nn
 
+from actors.base import disable_dropout
 from jobs.config import ConfigError
 from jobs.data.examples import encode_example, sft_batch
+from jobs.data.tasks.user_data import read_preferences
+from models.checkpoint import load_checkpoint
 from models.dpo import preference_loss, ranking_to_pairs, sequence_logprobs
 
 
@@ -35,8 +39,6 @@ def load_pairs(path: str | Path, tokenizer: Any, max_tokens: int) -> tuple[list[
     """All C(K,2) pairs of every comparison in `path` (K-wise or pairwise rows; jobs/data/tasks/user_data.py) whose
     longest prompt + response + EOS fits `max_tokens`; (pairs, counts). ConfigError naming `comparisons` (and the
     file/row) for an unreadable file or rows without a ranking."""
-    from jobs.data.tasks.user_data import read_preferences
-
     try:
         comparisons = read_preferences(path)
     except (ConfigError, OSError) as e:
@@ -112,9 +114,6 @@ def reference_logprobs(model: nn.Module, pairs: Sequence[Pair], pad_id: int, bat
 
 def _reference_task(checkpoint: str, pairs: list[Pair], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Ray task body: load the frozen reference (dropout off) and score one shard of pairs."""
-    from actors.base import disable_dropout
-    from models.checkpoint import load_checkpoint
-
     torch.set_num_threads(1)
     return reference_logprobs(disable_dropout(load_checkpoint(checkpoint, kind="lm")), pairs, pad_id)
 
@@ -124,8 +123,6 @@ def reference_logprobs_on_ray(checkpoint: str, pairs: Sequence[Pair], pad_id: in
     """`reference_logprobs` of all pairs as `workers` Ray tasks over contiguous shards (1 CPU each); the shards'
     arrays come back through the object store and are concatenated in pair order. Computed once, before
     training: the reference is frozen, so the trainers never hold a second model."""
-    import ray
-
     if not pairs:
         return np.zeros(0, np.float32), np.zeros(0, np.float32)
     n = max(1, min(workers, len(pairs)))
