@@ -33,7 +33,9 @@ NOISY_WARNING = re.compile(r"(site-packages|dist-packages)/.*: (DeprecationWarni
 SOURCE_LINE = re.compile(r"^\s{2,}\S")  # the indented source line Python prints under a warning
 # Notices printed inside our workers by the libraries under them, on every start of every worker.
 NOISY_LINES = re.compile(r"Setting up process group for: |\[real_accelerator\.py:\d+:get_accelerator\] Setting "
-                         r"accelerator to CPU|Ray deduplicates logs by default")
+                         r"accelerator to CPU|Ray deduplicates logs by default|"
+                         r"Task ServeController\.graceful_shutdown failed")
+SERVE_INFO = re.compile(r"^INFO \d{4}-\d\d-\d\d ")  # Serve replicas' access/lifecycle log lines (INFO level)
 
 # Driver-side Ray loggers whose warnings are notices, not problems (token auth is on by default in Ray 2.60 and
 # says so at every start): they go to the file too.
@@ -53,16 +55,16 @@ def _write(lines: list[str], origin: str) -> None:
         f.flush()
 
 
-def split_lines(lines: list[str], internal: bool) -> tuple[list[str], list[str]]:
-    """(kept, dropped) lines of one batch: all of an internal actor's, and third-party deprecation warnings with
-    their source line."""
+def split_lines(lines: list[str], internal: bool, serve_replica: bool = False) -> tuple[list[str], list[str]]:
+    """(kept, dropped) lines of one batch: all of an internal actor's, a Serve replica's INFO log lines, library
+    notices, and third-party deprecation warnings with their source line."""
     if internal:
         return [], list(lines)
     kept: list[str] = []
     dropped: list[str] = []
     skip_source = False
     for line in lines:
-        if NOISY_WARNING.search(line) or NOISY_LINES.search(line):
+        if NOISY_WARNING.search(line) or NOISY_LINES.search(line) or (serve_replica and SERVE_INFO.match(line)):
             dropped.append(line)
             skip_source = True
         elif skip_source and SOURCE_LINE.match(line):
@@ -76,7 +78,8 @@ def split_lines(lines: list[str], internal: bool) -> tuple[list[str], list[str]]
 def _handler(print_original: Any) -> Any:
     def handle(data: dict[str, Any]) -> None:
         name = data.get("actor_name") or data.get("task_name") or ""
-        kept, dropped = split_lines(list(data.get("lines", [])), bool(RAY_INTERNAL_ACTORS.match(name)))
+        kept, dropped = split_lines(list(data.get("lines", [])), bool(RAY_INTERNAL_ACTORS.match(name)),
+                                    serve_replica=name.startswith("ServeReplica:"))
         if dropped:
             _write(dropped, f"{name or 'worker'} pid={data.get('pid')}")
         if kept:

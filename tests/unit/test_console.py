@@ -22,6 +22,13 @@ def test_split_lines_drops_third_party_deprecations_with_their_source_line() -> 
     assert dropped == [lines[1], lines[2], lines[5], lines[6]]
 
 
+def test_serve_replicas_keep_warnings_and_drop_their_info_access_log() -> None:
+    lines = ["INFO 2026-12-01 11:33:08,051 app_ingress x y -- POST /v1/completions 200 94.2ms",
+             "WARNING 2026-12-01 11:33:09,000 app_ingress x y -- replica is slow"]
+    assert console.split_lines(lines, internal=False, serve_replica=True) == (lines[1:], lines[:1])
+    assert console.split_lines(lines, internal=False) == (lines, [])
+
+
 def test_internal_actors_are_dropped_whole() -> None:
     lines = ["Failed to query Ray Train Controller actor state; retrying"]
     assert console.split_lines(lines, internal=True) == ([], lines)
