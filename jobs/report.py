@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from cluster.metrics import read_metrics
+from models.files import atomic_path
 
 
 class ReportError(RuntimeError):
@@ -42,7 +43,7 @@ def _first_present(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str | N
     return next((k for k in keys if any(r.get(k) is not None for r in rows)), None)
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
     import matplotlib  # lazy: plotting is the last step, and matplotlib costs ~0.5 s to import
 
     matplotlib.use("Agg")
@@ -52,7 +53,7 @@ def _plt() -> Any:
 
 
 def plot_lm(root: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     pre, sft = root / "pretrain", root / "sft"
     pre_rows, sft_rows = read_metrics(pre), read_metrics(sft)
@@ -67,11 +68,11 @@ def plot_lm(root: Path) -> Path:
         ax.plot(*_series(sft_rows, "val_loss"), "o-", label="validation")
     ax.set(title="SFT: LM loss on demonstrations", xlabel="step", ylabel="cross-entropy (nats/token)")
     ax.legend()
-    return _save(fig, root / "lm_loss.png")
+    return save_figure(fig, root / "lm_loss.png")
 
 
 def plot_rm(root: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     rm = root / "rm"
     rows = read_metrics(rm)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -85,11 +86,11 @@ def plot_rm(root: Path) -> Path:
     ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
     ax.set(title="Reward model: pairwise accuracy", xlabel="step", ylabel="P(r(winner) > r(loser))", ylim=(0, 1))
     ax.legend()
-    return _save(fig, root / "rm_accuracy.png")
+    return save_figure(fig, root / "rm_accuracy.png")
 
 
 def plot_ppo(root: Path, kl_target: float | None) -> Path:
-    plt = _plt()
+    plt = pyplot()
     ppo = root / "ppo"
     rows = read_metrics(ppo)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -110,7 +111,7 @@ def plot_ppo(root: Path, kl_target: float | None) -> Path:
     ax = axes[2]
     ax.plot(*_require(rows, "beta", ppo, "iteration"), "o-")
     ax.set(title="KL coefficient β", xlabel="iteration", ylabel="β")
-    return _save(fig, root / "ppo.png")
+    return save_figure(fig, root / "ppo.png")
 
 
 def algorithm_rows(root: Path, ev: dict[str, Any], state: dict[str, Any], algorithms: list[str]
@@ -138,7 +139,7 @@ def algorithm_rows(root: Path, ev: dict[str, Any], state: dict[str, Any], algori
 
 def plot_gold_vs_kl(root: Path, ev: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
     """Gold reward against KL(model‖SFT) on the held-out prompts, one point per algorithm and the SFT model."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     points = [("sft", ev.get("sft/kl", 0.0) or 0.0, ev.get("sft/gold"))]
     points += [(r["algorithm"], r["kl"], r["gold"]) for r in rows]
@@ -150,15 +151,15 @@ def plot_gold_vs_kl(root: Path, ev: dict[str, Any], rows: list[dict[str, Any]]) 
     ax.set(title="Gold reward vs KL to SFT (held-out prompts)", xlabel="KL(model ‖ SFT), nats per response",
            ylabel="gold score (labeler)")
     ax.grid(alpha=0.3)
-    return _save(fig, root / "gold_vs_kl.png")
+    return save_figure(fig, root / "gold_vs_kl.png")
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """A figure as a PNG, written atomically (models/files.py), then closed."""
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    _plt().close(fig)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    pyplot().close(fig)
     return path
 
 
@@ -182,7 +183,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " / ").strip() or "∅"
 
 
-def _fmt(v: Any, pct: bool = False) -> str:
+def fmt(v: Any, pct: bool = False) -> str:
     if v is None:
         return "–"
     if pct:
@@ -219,12 +220,12 @@ def write_report(root: Path, cfg: Any, state: dict[str, Any], wall_seconds: floa
         "trained on.", "",
         "## Result", "",
         "| | value |", "|---|---|",
-        f"| **win rate of PPO over SFT** (labeler = VADER, held-out prompts, ties = ½) | **{_fmt(win, True)}** "
-        f"(goal ≥ {_fmt(goal, True)}: {verdict}) |",
+        f"| **win rate of PPO over SFT** (labeler = VADER, held-out prompts, ties = ½) | **{fmt(win, True)}** "
+        f"(goal ≥ {fmt(goal, True)}: {verdict}) |",
     ]
     for key, label in EVAL_LABELS.items():
         if ev.get(key) is not None:
-            lines.append(f"| {label} | {_fmt(ev[key])} |")
+            lines.append(f"| {label} | {fmt(ev[key])} |")
     if alg_rows:
         lines += ["", "## Algorithms (same SFT model, same reward model, same held-out prompts and seeds)", "",
                   "| algorithm | win rate over SFT | gold | proxy | KL to SFT (nats) | distinct-2 | wall time | "
@@ -232,8 +233,8 @@ def write_report(root: Path, cfg: Any, state: dict[str, Any], wall_seconds: floa
         for r in alg_rows:
             wall = "–" if r["seconds"] is None else f"{r['seconds']:.0f} s"
             rate = "–" if r["rate"] is None else f"{r['rate']:.1f} {r['unit']}"
-            lines.append(f"| {r['algorithm']} | {_fmt(r['win_rate'], True)} | {_fmt(r['gold'])} | "
-                         f"{_fmt(r['proxy'])} | {_fmt(r['kl'])} | {_fmt(r['distinct2'])} | {wall} | {rate} |")
+            lines.append(f"| {r['algorithm']} | {fmt(r['win_rate'], True)} | {fmt(r['gold'])} | "
+                         f"{fmt(r['proxy'])} | {fmt(r['kl'])} | {fmt(r['distinct2'])} | {wall} | {rate} |")
         numbers["algorithms"] = {r["algorithm"]: {k: v for k, v in r.items() if k != "algorithm"} for r in alg_rows}
     lines += ["", "## Curves", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     lines += ["## Stages", "", "| stage | wall time | status |", "|---|---|---|"]
@@ -255,8 +256,8 @@ def write_report(root: Path, cfg: Any, state: dict[str, Any], wall_seconds: floa
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
-    headline = [f"win rate of PPO over SFT (labeler, held-out): {_fmt(win, True)} — "
-                f"goal ≥ {_fmt(goal, True)} {verdict}"]
+    headline = [f"win rate of PPO over SFT (labeler, held-out): {fmt(win, True)} — "
+                f"goal ≥ {fmt(goal, True)} {verdict}"]
     return {"path": path, "headline": headline, "numbers": numbers}
 
 

@@ -28,8 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from actors.reward import score_sequences
-from cluster.train.engine import CheckpointConfig, FailureConfig, FineTuneParallelConfig, OptimConfig, launch
+from cluster.runtime import init_ray
+from cluster.train.engine import (
+    CheckpointConfig,
+    FailureConfig,
+    FineTuneParallelConfig,
+    OptimConfig,
+    build_engine,
+    init_worker,
+    launch,
+)
 from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
 from jobs.data.examples import batch_indices, encode_example, load_elements, rank_slice, rm_batch
@@ -38,6 +49,10 @@ from jobs.data.tasks.base import stable_unit
 from jobs.rlhf.checkpoints import check_policy
 from jobs.rlhf.reward_model import REWARD_INPUT, fold_reward_offset, offset_norm_name, rm_loss_fn
 from jobs.rlhf.sampling import GenerateSection, generate_comparisons
+from jobs.runs import start_run
+from models.checkpoint import load_checkpoint, read_config, save_checkpoint, tokenizer_path
+from models.heads import RewardModel
+from models.tokenizer import Tokenizer
 
 
 @dataclass
@@ -128,10 +143,6 @@ def _comparison_files(cfg: RMConfig) -> tuple[Path | None, Path | None]:
 
 # --- driver ---------------------------------------------------------------------------------------------------
 def run(cfg: RMConfig) -> dict[str, Any]:
-    from cluster.runtime import init_ray
-    from jobs.runs import start_run
-    from models.checkpoint import read_config, tokenizer_path
-    from models.tokenizer import Tokenizer
 
     check_policy(cfg.init_from, "init_from")
     mcfg = read_config(cfg.init_from)[0]
@@ -190,11 +201,7 @@ def run(cfg: RMConfig) -> dict[str, Any]:
 # --- worker ---------------------------------------------------------------------------------------------------
 def train_loop(c: dict[str, Any]) -> None:
     """Per-worker loop on the shared engine; the objective is `rm_loss_fn`."""
-    import torch
 
-    from cluster.train.engine import build_engine, init_worker
-    from models.checkpoint import load_checkpoint, save_checkpoint
-    from models.heads import RewardModel
 
     cfg: RMConfig = c["cfg"]
     o = cfg.optim

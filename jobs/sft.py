@@ -24,7 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.train.engine import CheckpointConfig, FailureConfig, FineTuneParallelConfig, OptimConfig, launch
+from cluster.runtime import init_ray
+from cluster.train.engine import (
+    CheckpointConfig,
+    FailureConfig,
+    FineTuneParallelConfig,
+    OptimConfig,
+    build_engine,
+    init_worker,
+    launch,
+    lm_loss_fn,
+    perplexity,
+)
 from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
 from jobs.data.examples import ChatExample, Example, batch_indices, encode_demonstration, fits, rank_slice, sft_batch
@@ -32,7 +43,10 @@ from jobs.data.tasks import TaskConfig, build_task
 from jobs.data.tasks.base import stable_unit
 from jobs.rlhf.checkpoints import check_policy
 from jobs.rlhf.evaluation import evaluate_checkpoints
+from jobs.runs import start_run
+from models.checkpoint import load_checkpoint, read_config, tokenizer_path
 from models.generation import SamplingParams
+from models.tokenizer import Tokenizer
 
 
 @dataclass
@@ -139,10 +153,6 @@ def set_residual_dropout(model: Any, p: float) -> None:
 
 # --- driver ---------------------------------------------------------------------------------------------------
 def run(cfg: SFTConfig) -> dict[str, Any]:
-    from cluster.runtime import init_ray
-    from jobs.runs import start_run
-    from models.checkpoint import read_config, tokenizer_path
-    from models.tokenizer import Tokenizer
 
     check_policy(cfg.init_from, "init_from")
     mcfg = read_config(cfg.init_from)[0]
@@ -181,8 +191,6 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
 # --- worker ---------------------------------------------------------------------------------------------------
 def train_loop(c: dict[str, Any]) -> None:
     """Per-worker loop on the shared engine; the objective is the engine's LM loss with the response mask."""
-    from cluster.train.engine import build_engine, init_worker, lm_loss_fn, perplexity
-    from models.checkpoint import load_checkpoint
 
     cfg: SFTConfig = c["cfg"]
     o = cfg.optim

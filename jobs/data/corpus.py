@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs.data.sources import DataError, Document, list_inputs, read_documents
+from pydoc_data.topics import topics
 
 SPLITS = ("train", "validation")  # held-in, held-out documents
 DEFAULT_VALIDATION_FRACTION = 0.1
@@ -88,7 +89,6 @@ def _shakespeare() -> list[Document]:
 
 
 def _pydoc() -> list[Document]:
-    from pydoc_data.topics import topics
 
     return [Document(f"pydoc/{k}", topics[k]) for k in sorted(topics)]
 

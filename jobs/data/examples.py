@@ -19,6 +19,7 @@ from actors.reward import close_response
 from jobs.data.tasks import Comparison, Demonstration
 from models.chat import encode_chat
 from models.seeding import stream_slice
+from jobs.data.tasks.user_data import read_preferences
 
 Example = tuple[list[int], list[int]]  # (prompt ids, response ids ending with EOS)
 
@@ -154,7 +155,6 @@ def rm_batch(elements: Sequence[Element], pad_id: int) -> dict[str, Any]:
 def load_elements(path: Path, tokenizer: Any, max_tokens: int) -> tuple[list[Element], int]:
     """Validated comparisons of `path` (a file, directory or glob of K-wise or pairwise preferences;
     jobs/data/tasks/user_data.py), tokenised; (elements, prompts dropped as too long)."""
-    from jobs.data.tasks.user_data import read_preferences
 
     elements, dropped = [], 0
     for c in read_preferences(path):

@@ -32,6 +32,12 @@ import pyarrow as pa
 from jobs.data.corpus import DataError, Document, HoldOut, load_documents, name_key
 from jobs.data.shards import order_key, tokenize_table
 from jobs.data.sources import InputFile, list_inputs, read_documents
+import ray.data
+import ray
+from ray.data import ActorPoolStrategy
+from ray.data import TaskPoolStrategy
+from tokenizers import Tokenizer as HFTokenizer
+from models.tokenizer import Tokenizer
 
 READ_CPUS = 0.25  # per read task: reading and hashing are light next to tokenising
 # Concurrent read tasks: one reader (≥ 100 MB/s of decoding and hashing) feeds ~16 tokeniser actors (~1 MB/s each).
@@ -81,9 +87,7 @@ class Tokenize:
     into row tables."""
 
     def __init__(self, tokenizer_json: str, sha256: str, row_tokens: int) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
 
-        from models.tokenizer import Tokenizer
 
         self.tok = Tokenizer(HFTokenizer.from_str(tokenizer_json), source="<prepare>")
         if self.tok.sha256() != sha256:  # the JSON round trip must not change the vocabulary
@@ -97,7 +101,6 @@ class Tokenize:
 def _quiet_data_context(block_bytes: int, inflight_bytes: int) -> Any:
     """A copy of the current DataContext without progress bars and per-execution log lines (raygpt prints one
     line per update), order-preserving, with our block size and in-flight budget."""
-    import ray.data
 
     ctx = ray.data.DataContext.get_current().copy()
     ctx.enable_progress_bars = False
@@ -117,8 +120,6 @@ def ray_row_tables(source: str, tokenizer: Any, validation_fraction: float, row_
                    workers: int, cpus_per_worker: float, block_bytes: int,
                    status: Callable[[str], None] = lambda _: None) -> Iterator[pa.Table]:
     """Ordered row tables of `source` (see the module docstring); Ray must be initialised."""
-    import ray
-    import ray.data
 
     if workers < 1:
         raise DataError(f"workers: must be ≥ 1, got {workers}")
@@ -141,8 +142,6 @@ def ray_row_tables(source: str, tokenizer: Any, validation_fraction: float, row_
 def _row_tables(source: str, tokenizer: Any, validation_fraction: float, row_tokens: int, text_field: str,
                 workers: int, cpus_per_worker: float, block_bytes: int, status: Callable[[str], None]
                 ) -> Iterator[pa.Table]:
-    import ray.data
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     readers = TaskPoolStrategy(size=-(-workers // ACTORS_PER_READER))
     if source in ("shakespeare", "pydoc"):  # built-in corpora are small: read on the driver

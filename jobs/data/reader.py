@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 from jobs.data.corpus import SPLITS, DataError
 from jobs.data.shards import FORMAT
 from models.seeding import permutation
+from models.tokenizer import Tokenizer
+from models.tokenizer import TokenizerError
 
 
 def read_meta(directory: str | os.PathLike[str]) -> dict:
@@ -275,7 +277,6 @@ def check_dataset(directory: str | os.PathLike[str], tokenizer: str | os.PathLik
     (`block_size` + 1) of a split. Opens only Parquet footers and the row groups at rank boundaries."""
     meta = read_meta(directory)
     if tokenizer is not None:
-        from models.tokenizer import Tokenizer, TokenizerError
 
         try:
             sha = Tokenizer.from_file(tokenizer).sha256()

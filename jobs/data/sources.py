@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models.config import ConfigError
+import pyarrow.fs as pafs
 
 MAX_DOC_CHARS = 200_000  # .txt files longer than this are cut into parts (so one big file can still be split)
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}  # directory listings pick these suffixes
@@ -71,7 +72,6 @@ class InputFile:
 
     def open_binary(self) -> IO[bytes]:
         if self.is_uri:
-            import pyarrow.fs as pafs
 
             fs, p = pafs.FileSystem.from_uri(self.path)
             return fs.open_input_file(p)  # seekable: Parquet needs it; text readers only read forward
@@ -84,7 +84,6 @@ def _kind(name: str) -> str:
 
 
 def _list_uri(pattern: str) -> list[InputFile]:
-    import pyarrow.fs as pafs
 
     scheme, _, rest = pattern.partition("://")
     m = _GLOB_CHARS.search(rest)

@@ -47,6 +47,10 @@ from jobs.data.reader import TokenDataset, check_dataset, read_meta
 from jobs.data.shards import FORMAT, SCHEMA, DatasetWriter, check_out_dir, order_key, replace_dir, tokenize_table
 from jobs.data.sources import list_inputs, read_documents
 from models.tokenizer import Tokenizer, TokenizerError
+import ray
+from cluster.runtime import init_ray
+from jobs.data.prepare_ray import ray_row_tables
+from cluster.runtime import shutdown_ray
 
 __all__ = ["FORMAT", "SCHEMA", "TokenDataset", "check_dataset", "prepare", "read_meta"]
 
@@ -114,16 +118,13 @@ def prepare(source: str, tokenizer_path: str | os.PathLike[str], out: str | os.P
 
     started_ray = False
     if engine == "ray":
-        import ray
 
-        from cluster.runtime import init_ray
 
         started_ray = not ray.is_initialized()
         # An embedded cluster gets enough logical CPUs for the requested actors plus the read tasks.
         want = math.ceil(workers * cpus_per_worker + 1) if workers else None
         resources = init_ray(address=address, num_cpus=max(os.cpu_count() or 1, want or 0))
         workers = workers or max(1, int(resources.get("CPU", 2)) - 1)
-        from jobs.data.prepare_ray import ray_row_tables
 
         tables: Iterator[pa.Table] = ray_row_tables(source, tok, validation_fraction, row_tokens, text_field,
                                                     workers, cpus_per_worker, block_bytes, progress or (lambda _: None))
@@ -153,7 +154,6 @@ def prepare(source: str, tokenizer_path: str | os.PathLike[str], out: str | os.P
         raise
     finally:
         if started_ray:
-            from cluster.runtime import shutdown_ray
 
             shutdown_ray()
     return meta

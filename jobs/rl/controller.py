@@ -16,6 +16,10 @@ controller state (iteration, KL controller, weights version/checksum, the trajec
 the previous checkpoint intact. The same checkpoint is what fault recovery reloads and what `resume` continues.
 RNG: the prompt order, sampling seeds, minibatch order and dropout seeds derive from (seed, iteration, …), so the
 iteration number *is* the RNG state.
+
+Longer than 400 lines because every stage goes through one recovery loop over one shared state (the role groups,
+the weights version and checksum, the last checkpoint tag, the timings); split across modules, that state would
+have to travel with every call.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from actors.base import RolloutMeta, ScoreMeta
 from actors.groups import PolicyGroup, PromptShard, ReferenceGroup, RewardGroup, RolloutGroup, ValueGroup
 from actors.policy import UpdateResult, WeightsInfo, n_steps
+from actors.reward import decode_rollout
 from actors.rollout import Rollout, finalize
 from cluster.faults import ActorFault
 from cluster.metrics import MetricsWriter, read_metrics
@@ -40,8 +47,11 @@ from cluster.placement import create_pools, remove_pools
 from cluster.runtime import init_ray, is_embedded
 from jobs.config import ConfigError, to_dict
 from jobs.rl.config import PPOJobConfig, RoleSpecs, abspath, parse_fault, role_specs
+from jobs.rl.final import export_policy, heldout_eval, write_report
+from jobs.rl.inputs import PromptSet, check_checkpoints, gold_function, load_tokenizer, ptx_dataset
 from jobs.runs import start_run
 from models.advantages import AdaptiveKLController, FixedKLController
+from models.files import write_atomic
 from models.seeding import derive_seed, stream_slice
 
 # Config fields that shape the trajectory: a resumed run must not change them (iterations, timeouts, faults,
@@ -105,7 +115,6 @@ def _mean(dicts: list[dict[str, float]]) -> dict[str, float]:
 def _write_atomic(path: Path, text: str) -> None:
     """Temp file, fsync, rename (models/files.py): the `latest` pointer names a complete state even after a
     SIGKILL or a power cut, and it is written only after the engines' saves have returned."""
-    from models.files import write_atomic
 
     write_atomic(path, text)
 
@@ -122,7 +131,6 @@ class Controller:
     """Owns the groups, the KL controller, checkpoints and metrics. Used as a context manager by `jobs/ppo.run`."""
 
     def __init__(self, cfg: PPOJobConfig) -> None:
-        from jobs.rl.inputs import PromptSet, check_checkpoints, gold_function, load_tokenizer, ptx_dataset
 
         self.cfg = cfg
         check_checkpoints(cfg)
@@ -188,7 +196,6 @@ class Controller:
 
     # --- cluster ----------------------------------------------------------------------------------------------
     def __enter__(self) -> Controller:
-        import ray
 
         self._started_ray = not ray.is_initialized()
         init_ray(self.cfg.address, num_cpus=self.cfg.num_cpus)
@@ -242,7 +249,6 @@ class Controller:
         shutil.rmtree(self.run_dir / ".rendezvous", ignore_errors=True)  # FileStore files
         self.metrics.close()
         if getattr(self, "_started_ray", False):
-            import ray
 
             ray.shutdown()
 
@@ -273,8 +279,6 @@ class Controller:
 
     def _member_lost(self, refs: list[Any]) -> bool:
         """Whether any of these calls failed because its actor died (rather than with an exception of its own)."""
-        import ray
-        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
         for ref in refs:
             try:
@@ -300,8 +304,6 @@ class Controller:
         """Submit every role's part (call → (refs to wait on, outputs)), then wait; recover + resubmit on failure.
 
         Returns role → (waited results, outputs)."""
-        import ray
-        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
         t0 = time.perf_counter()
         for fault in self.faults:  # arm before submitting: the worker crashes inside this stage's call
@@ -386,7 +388,6 @@ class Controller:
                    ) -> tuple[Batch, dict[str, float]]:
         """One Ray task over the whole batch: the algorithm's estimator (cfg.estimator), β·KL in the reward unless
         the algorithm puts it in the loss (GRPO)."""
-        import ray
 
         t0 = time.perf_counter()
         splits = [self.n_policy] if self.n_policy == self.n_value or not self.n_value \
@@ -407,7 +408,6 @@ class Controller:
 
     def _ptx_shards(self, it: int) -> list[Any]:
         """Per policy rank: (steps, rows, block+1) pretraining blocks for iteration `it`, put separately."""
-        import ray
 
         if self.ptx is None:
             return [None] * self.n_policy
@@ -423,9 +423,7 @@ class Controller:
 
         def gold() -> None:  # scored on the controller while the trainers work
             if self.gold is not None:
-                import ray
 
-                from actors.reward import decode_rollout
 
                 parts: list[Rollout] = ray.get(rollouts, timeout=self.cfg.fault.stage_timeout_s)
                 texts = [decode_rollout(r, self.tok.decode, self.tok.eos_id) for r in parts]
@@ -488,7 +486,6 @@ class Controller:
 
     def finish(self) -> dict[str, Any]:
         """Export the final policy as an HF checkpoint, evaluate on held-out prompts, write the report."""
-        from jobs.rl.final import export_policy, heldout_eval, write_report
 
         checkpoint = export_policy(self.policy.get(self.policy.weights()), self.cfg, self.run_dir / "checkpoint",
                                    self.tokenizer_path)

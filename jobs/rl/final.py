@@ -10,7 +10,6 @@ P(gold(PPO) > gold(SFT)) + ½·P(tie), per prompt. KL is the sequence-level esti
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from actors.base import (
     weights_checksum,
 )
 from cluster.metrics import read_metrics
+from jobs.report import fmt, pyplot, save_figure
 from jobs.rl.config import PPOJobConfig
 from jobs.rl.inputs import GoldFn, PromptSet
 from jobs.rlhf.evaluation import evaluate_checkpoints
@@ -63,14 +63,6 @@ REPORT_COLUMNS = ("iteration", "gold_reward", "proxy_reward", "kl", "beta", "ent
                   "value_error", "vf_clipfrac", "ptx_loss", "samples_per_s", "recoveries")
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}" if math.isfinite(v) else str(v)
-    return str(v)
-
-
 def write_report(run_dir: Path, summary: dict[str, Any]) -> None:
     """summary.json, report.md (per-iteration table + held-out comparison) and curves.png."""
     rows = read_metrics(run_dir)
@@ -78,7 +70,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> None:
     cols = [c for c in REPORT_COLUMNS if any(c in r for r in rows)]
     lines = ["# PPO report", "", f"Run `{run_dir}`; final policy: `{summary.get('checkpoint')}`.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     ev = summary.get("eval")
     if ev:
         lines += ["", f"## Held-out comparison ({ev['prompts']} prompts, split {ev['split']})", ""]
@@ -86,16 +78,12 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> None:
         for key in ("sft/gold", f"{a}/gold", f"win_rate/{a}_vs_sft", "sft/proxy", f"{a}/proxy", f"{a}/kl",
                     "sft/response_tokens", f"{a}/response_tokens"):
             if key in ev:
-                lines.append(f"- {key}: {_fmt(ev[key])}")
+                lines.append(f"- {key}: {fmt(ev[key])}")
         lines += ["", "| prompt | SFT | PPO |", "|---|---|---|"]
         lines += [f"| {s['prompt']!r} | {s['sft']!r} | {s['ppo']!r} |" for s in ev.get("samples", [])]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     if rows:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
         x = [r["iteration"] for r in rows]
         for ax, keys in zip(axes, (("gold_reward", "proxy_reward"), ("kl",), ("beta",))):
@@ -105,6 +93,4 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> None:
                     ax.plot(x, [np.nan if y is None else y for y in ys], label=k)
             ax.set_xlabel("iteration")
             ax.legend()
-        fig.tight_layout()
-        fig.savefig(run_dir / "curves.png", dpi=80)
-        plt.close(fig)
+        save_figure(fig, run_dir / "curves.png")

@@ -11,14 +11,18 @@ from typing import Any
 from actors.engines import check_engine
 from actors.reward import import_function
 from jobs.config import ConfigError
+from jobs.data.corpus import DataError
+from jobs.data.tasks import TaskError, build_task
+from jobs.data.tasks.user_data import read_prompts
+from jobs.data.tokens import TokenDataset
 from jobs.rl.config import PPOJobConfig, abspath
 from models.checkpoint import CheckpointError, read_config
+from models.tokenizer import Tokenizer, TokenizerError
 
 GoldFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
 def load_task(cfg: PPOJobConfig) -> Any:
-    from jobs.data.tasks import TaskError, build_task
 
     try:
         return build_task(cfg.task)
@@ -27,7 +31,6 @@ def load_task(cfg: PPOJobConfig) -> Any:
 
 
 def load_tokenizer(cfg: PPOJobConfig) -> tuple[Any, str]:
-    from models.tokenizer import Tokenizer, TokenizerError
 
     path = cfg.tokenizer or str(Path(cfg.policy) / "tokenizer.json")
     where = "tokenizer" if cfg.tokenizer else "policy"
@@ -100,8 +103,6 @@ class PromptSet:
             texts = [ln.rstrip("\n") for ln in p.read_text().splitlines() if ln.strip()]
             where = f"prompts file {source}"
         else:  # user data (JSONL/Parquet file, directory or glob): messages are rendered with the chat template
-            from jobs.data.corpus import DataError
-            from jobs.data.tasks.user_data import read_prompts
 
             try:
                 texts = read_prompts(source)
@@ -139,8 +140,6 @@ def ptx_dataset(cfg: PPOJobConfig, tok: Any) -> Any:
     """The PPO-ptx pretraining stream (train split of a prepared dataset), or None when ptx.coef is 0."""
     if cfg.ptx.coef <= 0:
         return None
-    from jobs.data.corpus import DataError
-    from jobs.data.tokens import TokenDataset
 
     model = model_config(cfg.policy, "policy")
     if cfg.ptx.block_size > model.n_ctx:

@@ -14,6 +14,7 @@ from typing import Any
 
 from jobs.config import ConfigError, field, from_dict, load_config, to_dict
 from jobs.serving.deployments import Ingress, LimitsConfig, ModelServer
+from jobs.serving.vllm_server import VLLMModelServer
 from models.checkpoint import CheckpointError, read_config, tokenizer_path
 
 API_KEY_ENV = "RAYGPT_API_KEY"
@@ -179,7 +180,6 @@ def build_app(cfg: ServeConfig) -> Any:
     actor = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
     if cfg.engine == "vllm":
         from actors.engines.vllm import check_vllm_model  # the extra's absence → ConfigError with the install line
-        from jobs.serving.vllm_server import VLLMModelServer
 
         for name, path in specs.items():  # refuse what vLLM cannot run before anything is deployed
             try:

@@ -4,7 +4,10 @@ Topology (docs/SERVING.md): one *ingress* deployment (auth, body limit, validati
 retries) holds a `DeploymentHandle` per checkpoint; each checkpoint is its own *model* deployment
 (`model-<name>`) with its own replicas and autoscaling, chosen by the request's `model` field. One deployment
 per model rather than Serve multiplexing: a handful of small checkpoints all stay loaded, and each scales on
-its own load. jobs/serve.py builds the application from the config.
+its own load. jobs/serving/app.py builds the application from the config.
+
+Longer than 400 lines because the two deployments share one request life cycle (limits, the error mapping to
+OpenAI's shape, retries on a lost replica, stream bookkeeping) that reads best in one place.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' `Request` annotations at run time.
@@ -27,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import metrics as serve_metrics
+from ray.serve._private import replica
 from ray.serve.exceptions import ReplicaUnavailableError
 from starlette.exceptions import HTTPException
 
@@ -70,7 +74,6 @@ class LimitsConfig:
 def bind_replica_grpc_to_loopback() -> None:
     """Ray Serve 2.60 replicas open an internal gRPC server on [::] with no setting (docs/ARCHITECTURE.md).
     Rebind it to 127.0.0.1 before the replica starts it; fail closed if Serve no longer has the hook."""
-    from ray.serve._private import replica
 
     orig = getattr(replica, "add_port_to_grpc_server", None)
     if orig is None:
@@ -121,7 +124,7 @@ class ModelServer:
         bind_replica_grpc_to_loopback()
         import torch  # here, not at the top: the ingress replicas never need torch (~250 MB each)
 
-        from jobs.serving.batcher import Batcher
+        from jobs.serving.batcher import Batcher  # lazy, as torch above: only model replicas load it
 
         torch.set_num_threads(max(1, torch_threads))
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"

@@ -26,8 +26,12 @@ from typing import Any
 
 from ray import serve
 
-from jobs.serving.api import ChoiceDelta, Job, RequestError
+from actors.engines.vllm import check_vllm_model
+from jobs.serving.api import ApiError, ChoiceDelta, Job, RequestError
+from jobs.serving.batcher import TextCodec, _Row
 from jobs.serving.deployments import Reply, bind_replica_grpc_to_loopback
+from models.checkpoint import tokenizer_path
+from models.tokenizer import Tokenizer
 
 
 @serve.deployment(name="model-vllm")
@@ -39,15 +43,11 @@ class VLLMModelServer:
         os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # vLLM's sockets on loopback
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        from actors.engines.vllm import check_vllm_model
-        from jobs.serving.batcher import TextCodec
-        from models.checkpoint import tokenizer_path
-        from models.tokenizer import Tokenizer
 
         cfg = check_vllm_model(path)
         self.codec = TextCodec(Tokenizer.from_file(tokenizer_path(path)), cfg.n_ctx, cfg.vocab_size, name)
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.engine.arg_utils import AsyncEngineArgs  # lazy: vLLM is the optional `vllm` extra
+        from vllm.v1.engine.async_llm import AsyncLLM  # lazy: optional extra
 
         args = AsyncEngineArgs(model=path, skip_tokenizer_init=True, dtype="float32", seed=0,
                                max_model_len=cfg.n_ctx, max_num_seqs=options["max_num_seqs"],
@@ -62,8 +62,8 @@ class VLLMModelServer:
 
     # --- one choice -----------------------------------------------------------------------------------------
     def _params(self, job: Job, index: int) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm import SamplingParams  # lazy: optional extra
+        from vllm.sampling_params import RequestOutputKind  # lazy: optional extra
 
         greedy = job.temperature == 0
         return SamplingParams(
@@ -75,7 +75,6 @@ class VLLMModelServer:
     async def _choice(self, job: Job, index: int, prompt: list[int], out: asyncio.Queue) -> None:
         """Decode one choice, putting its ChoiceDeltas on `out` (then None); the row's top-k alternatives go on
         the last delta (non-streaming callers merge them)."""
-        from jobs.serving.batcher import _Row
 
         row, rid, top = _Row(0, index, prompt, job), f"{uuid.uuid4().hex}-{next(self._ids)}", []
         k, eos, tok = job.logprobs or 0, self.codec.eos, self.codec.tok
@@ -127,7 +126,6 @@ class VLLMModelServer:
 
     # --- requests (called through the ingress' handles) -----------------------------------------------------
     def _prepare(self, job: Job) -> tuple[list[list[int]] | None, dict[str, Any] | None]:
-        from jobs.serving.api import ApiError
 
         try:
             return self.codec.tokenize(job), None

@@ -28,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from jobs.data.tasks.base import TaskError
+import torch
+from models.generation import SamplingParams
+from models.generation import generate
+from models.generation import token_logprobs
 
 INPUT, TARGET = "{input}", "{target}"
 
@@ -138,9 +142,7 @@ def token_f1(prediction: str, reference: str) -> float:
 def evaluate_format(model: Any, tokenizer: Any, fmt: PromptFormat, shots: int, max_new_tokens: int = 16
                     ) -> dict[str, float]:
     """k-shot evaluation of an LM checkpoint on one format (see the module docstring). model: models.gpt.GPT."""
-    import torch
 
-    from models.generation import SamplingParams, generate, token_logprobs
 
     model.eval()
     n_ctx = model.config.n_ctx

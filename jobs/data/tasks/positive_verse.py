@@ -24,13 +24,13 @@ from functools import cached_property, lru_cache
 from jobs.data.tasks.base import Demonstration, Split, Task, TaskError, check_split, heldout_prompt
 
 from jobs.data.corpus import DEFAULT_VALIDATION_FRACTION, load_documents, split_documents
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 
 class VaderLabeler:
     """VADER's compound sentiment score of a text, in [−1, 1] (higher = more positive)."""
 
     def __init__(self) -> None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         self._analyzer = SentimentIntensityAnalyzer()
 
