@@ -73,7 +73,15 @@ class ParallelConfig:
 
     def check_model(self, cfg: Any) -> None:
         """Model shape vs layout (`cfg` a models.config.GPTConfig): every rule that would otherwise fail inside
-        a worker, raised here as ConfigError naming the field."""
+        a worker, raised here as ConfigError naming the field. T5 and ELMo configs: data parallel + ZeRO only
+        (models.registry.check_parallel)."""
+        from models.config import arch_of
+
+        if arch_of(cfg) != "gpt":
+            from models.registry import check_parallel
+
+            check_parallel(arch_of(cfg), self.tensor, self.pipeline)
+            return
         tp = self.tensor
         if tp > 1:
             if cfg.n_head % tp:
