@@ -38,9 +38,10 @@ from cluster.train.engine import (
     init_worker,
     launch,
 )
+from cluster.train.loop import run_steps
 from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
-from jobs.data.examples import batch_indices, rank_slice
+from jobs.data.examples import rank_slice
 from jobs.data.tasks import TaskConfig, build_task
 from jobs.rlhf.checkpoints import check_policy
 from jobs.rlhf.evaluation import evaluate_checkpoints
@@ -224,20 +225,10 @@ def train_loop(c: dict[str, Any]) -> None:
             return {}
         return {f"val_{k}": v for k, v in engine.evaluate(val_batches, loss_fn).items()}
 
-    if engine.state.step == 0:
-        engine.log(validate())
-    for step in range(engine.state.step, o.max_steps):
-        idx = rank_slice(batch_indices(len(train), step, rows * ctx.dp_size, cfg.data.seed), ctx.dp_rank, rows)
-        b = batch(train, idx, ref_c, ref_r)
-        m = engine.train_step(b, loss_fn, tokens=int(b["chosen_mask"].sum() + b["rejected_mask"].sum()))
-        row = {**m, "epoch": (step + 1) * rows * ctx.dp_size / len(train)}
-        s = engine.state.step
-        if s % cfg.eval_every == 0 or s == o.max_steps:
-            row.update(validate())
-        engine.log(row)
-        due = s % cfg.checkpoint.every_n_steps == 0 or s == o.max_steps
-        if due or s % cfg.log_every == 0:
-            engine.flush(checkpoint=due)
+    run_steps(engine, len(train), lambda idx: batch(train, list(idx), ref_c, ref_r), loss_fn, max_steps=o.max_steps,
+              seed=cfg.data.seed, validate=validate, eval_every=cfg.eval_every,
+              checkpoint_every=cfg.checkpoint.every_n_steps, log_every=cfg.log_every,
+              tokens_of=lambda b: int(b["chosen_mask"].sum() + b["rejected_mask"].sum()))
     engine.export(Path(c["run_dir"]) / "checkpoint", tokenizer=c["tokenizer"], kind="lm",
                   extra={"dpo": {"steps": engine.state.step, "init_from": c["init_from"], "reference": c["reference"],
                                  "loss": cfg.loss, "beta": cfg.beta, "train_pairs": len(train)}})

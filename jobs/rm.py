@@ -41,9 +41,10 @@ from cluster.train.engine import (
     init_worker,
     launch,
 )
+from cluster.train.loop import run_steps
 from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
-from jobs.data.examples import batch_indices, encode_example, load_elements, rank_slice, rm_batch
+from jobs.data.examples import encode_example, load_elements, rank_slice, rm_batch
 from jobs.data.tasks import TaskConfig, build_task
 from jobs.data.tasks.base import stable_unit
 from jobs.rlhf.checkpoints import check_policy
@@ -221,20 +222,10 @@ def train_loop(c: dict[str, Any]) -> None:
         m = engine.evaluate(val_batches, rm_loss_fn)
         return {"val_loss": m["loss"], "val_accuracy": m["accuracy"]}
 
-    if engine.state.step == 0:
-        engine.log(validate())
-    for step in range(engine.state.step, o.max_steps):
-        idx = rank_slice(batch_indices(len(train), step, rows * ctx.dp_size, cfg.data.seed), ctx.dp_rank, rows)
-        b = rm_batch([train[i] for i in idx], c["pad_id"])
-        m = engine.train_step(b, rm_loss_fn, tokens=int(b["attention_mask"].sum()))
-        row = {**m, "epoch": (step + 1) * rows * ctx.dp_size / len(train)}
-        s = engine.state.step
-        if s % cfg.eval_every == 0 or s == o.max_steps:
-            row.update(validate())
-        engine.log(row)
-        due = s % cfg.checkpoint.every_n_steps == 0 or s == o.max_steps
-        if due or s % cfg.log_every == 0:
-            engine.flush(checkpoint=due)
+    run_steps(engine, len(train), lambda idx: rm_batch([train[i] for i in idx], c["pad_id"]), rm_loss_fn,
+              max_steps=o.max_steps, seed=cfg.data.seed, validate=validate, eval_every=cfg.eval_every,
+              checkpoint_every=cfg.checkpoint.every_n_steps, log_every=cfg.log_every,
+              tokens_of=lambda b: int(b["attention_mask"].sum()))
     sd = engine.full_state_dict()  # collective: every rank takes part, rank 0 gets the weights
     if ctx.rank != 0:
         return

@@ -36,9 +36,10 @@ from cluster.train.engine import (
     lm_loss_fn,
     perplexity,
 )
+from cluster.train.loop import run_steps
 from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
-from jobs.data.examples import ChatExample, Example, batch_indices, encode_demonstration, fits, rank_slice, sft_batch
+from jobs.data.examples import ChatExample, Example, encode_demonstration, fits, rank_slice, sft_batch
 from jobs.data.tasks import TaskConfig, build_task
 from jobs.data.tasks.base import stable_unit
 from jobs.rlhf.checkpoints import check_policy
@@ -216,22 +217,10 @@ def train_loop(c: dict[str, Any]) -> None:
         loss = engine.evaluate(val_batches, lm_loss_fn)["loss"]
         return {"val_loss": loss, "val_ppl": perplexity(loss)}
 
-    if engine.state.step == 0:
-        engine.log(validate())
-    for step in range(engine.state.step, o.max_steps):
-        idx = rank_slice(batch_indices(len(train), step, rows * ctx.dp_size, cfg.data.seed), ctx.dp_rank, rows)
-        b = batch([train[i] for i in idx])
-        t0 = time.perf_counter()
-        m = engine.train_step(b, lm_loss_fn, tokens=int(b["loss_mask"].sum()))
-        row = {**m, "epoch": (step + 1) * rows * ctx.dp_size / len(train),
-               "response_tokens_per_s": int(b["loss_mask"].sum()) * ctx.dp_size / (time.perf_counter() - t0)}
-        s = engine.state.step
-        if s % cfg.eval.every_n_steps == 0 or s == o.max_steps:
-            row.update(validate())
-        engine.log(row)
-        due = s % cfg.checkpoint.every_n_steps == 0 or s == o.max_steps
-        if due or s % cfg.log_every == 0:
-            engine.flush(checkpoint=due)
+    run_steps(engine, len(train), lambda idx: batch([train[i] for i in idx]), lm_loss_fn, max_steps=o.max_steps,
+              seed=cfg.data.seed, validate=validate, eval_every=cfg.eval.every_n_steps,
+              checkpoint_every=cfg.checkpoint.every_n_steps, log_every=cfg.log_every,
+              tokens_of=lambda b: int(b["loss_mask"].sum()), rate_name="response_tokens_per_s")
     engine.export(Path(c["run_dir"]) / "checkpoint", tokenizer=c["tokenizer"], kind="lm",
                   extra={"sft": {"steps": engine.state.step, "init_from": c["init_from"],
                                  "demonstrations": len(train), "task": cfg.task.name}})

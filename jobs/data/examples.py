@@ -3,7 +3,6 @@
 - SFT demonstrations: (prompt ids, response ids + EOS) → right-padded LM batches with a response-only loss mask;
   conversations (user `messages` data) → `ChatExample` (ids, per-token mask): the loss covers assistant turns only.
 - K-wise comparisons: K sequences prompt + response_j + EOS and the ranking → (B, K, T) reward-model batches.
-- `batch_indices`: the examples of an optimizer step, a pure function of (seed, step), so resume is exact.
 Pure functions, testable without Ray.
 """
 
@@ -102,13 +101,6 @@ def sft_batch(examples: Sequence[Example | ChatExample], pad_id: int, width: int
         mask[i, :len(s) - 1] = torch.tensor(m[1:], dtype=torch.long)
     return {"input_ids": ids[:, :-1].contiguous(), "targets": ids[:, 1:].contiguous(), "loss_mask": mask}
 
-
-
-def batch_indices(n: int, step: int, global_batch: int, seed: int) -> list[int]:
-    """Example indices of optimizer step `step`: the step's slice of the endless stream of per-epoch permutations
-    of range(n) (models.seeding.stream_slice). A pure function of its arguments, so a resumed run continues at
-    exactly the same data position."""
-    return [int(i) for i in stream_slice(n, step * global_batch, global_batch, seed)]
 
 
 def rank_slice(indices: list[int], rank: int, rows_per_rank: int) -> list[int]:

@@ -164,6 +164,17 @@ def test_ppo_raises_the_gold_score_over_sft_on_heldout_prompts(ray_session, tmp_
     assert ev["win_rate/ppo_vs_sft"] >= 0.65
     assert ev["ppo/kl"] < 12.0 and max(r["kl"] for r in rows) < 12.0
 
+    # One held-out evaluation: `raygpt eval` on the same checkpoints, prompts, sampling and seed gives exactly the
+    # final report's numbers (both run jobs/rlhf/evaluation.py).
+    from jobs import eval as eval_job
+
+    e = eval_job.run(from_dict(eval_job.EvalConfig, {
+        "name": "gold-eval", "runs_root": str(runs_root), "reward_model": "", "prompts": 64, "seed": 0,
+        "models": {"sft": art["sft"], "ppo": str(runs_root / "gold" / "checkpoint")},
+        "sampling": {"max_new_tokens": 10}, "perplexity": {"corpus": ""}, "formats": {"names": []}}))
+    for key in ("win_rate/ppo_vs_sft", "ppo/gold", "sft/gold", "ppo/kl", "ppo/distinct2"):
+        assert e[key] == ev[key], key
+
 
 def test_ppo_against_a_learned_reward_model_raises_the_gold_score(ray_session, tmp_path_factory, runs_root) -> None:
     """The InstructGPT loop with a *learned* reward: the RM (ppo_setup.build_learned_rm: trained on the labeller's

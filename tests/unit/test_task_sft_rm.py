@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from actors.reward import score_sequences
 from cluster.train.engine import lm_loss_fn
-from jobs.data.examples import batch_indices, encode_example, rank_slice, rm_batch, sft_batch
+from cluster.train.loop import rank_rows
+from jobs.data.examples import encode_example, rank_slice, rm_batch, sft_batch
 from jobs.rlhf.reward_model import fold_reward_offset, rm_loss_fn
 from models.config import GPTConfig
 from models.gpt import GPT
@@ -119,14 +120,14 @@ def test_rm_batch_rejects_k_below_two() -> None:
         rm_batch([([[1, 0]], [0])], pad_id=0)
 
 
-def test_batch_indices_cover_each_epoch_once_and_shard_disjointly() -> None:
-    n, g = 10, 4
-    stream = [i for s in range(5) for i in batch_indices(n, s, g, seed=3)]  # 20 = two epochs
+def test_step_rows_cover_each_epoch_once_and_shard_disjointly() -> None:
+    n, rows, dp = 10, 2, 2  # 4 examples per step, 2 per rank
+    stream = [i for s in range(5) for r in range(dp) for i in rank_rows(n, s, rows, 3, r, dp)]  # 20 = two epochs
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
     assert stream[:10] != stream[10:]  # a new permutation per epoch
-    assert batch_indices(n, 3, g, seed=3) == stream[12:16]  # a pure function of the step: exact resume
-    idx = batch_indices(n, 0, g, seed=3)
-    assert rank_slice(idx, 0, 2) + rank_slice(idx, 1, 2) == idx
+    assert rank_rows(n, 3, rows, 3, 1, dp) == stream[14:16]  # a pure function of the step: exact resume
+    assert rank_rows(n, 3, 4, 3, 0, 1) == stream[12:16]  # the same step on one rank: the same 4 examples
+    assert rank_slice(stream[:4], 0, 2) + rank_slice(stream[:4], 1, 2) == stream[:4]
 
 
 def test_fold_reward_offset_shifts_every_score(tmp_path: Path) -> None:
