@@ -59,7 +59,8 @@ class ScalingConfig:
 class VLLMServeConfig:
     kv_cache_gib: float = field(1.0, help="vLLM's KV cache per model replica in GiB (VLLM_CPU_KVCACHE_SPACE)")
     max_num_seqs: int = field(64, help="most choices vLLM decodes together per replica")
-    enforce_eager: bool = field(True, help="skip vLLM's torch.compile (start in seconds rather than ~25 s)")
+    enforce_eager: bool = field(True, help="skip vLLM's torch.compile (~6 s start instead of ~19 s; compiled "
+                                            "decodes ~1.4x faster)")
 
 
 ENGINES = ("native", "vllm")
