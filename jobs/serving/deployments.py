@@ -106,8 +106,63 @@ _END = object()  # end of one request's stream of deltas (in-process only)
 Item = tuple[Job, list[list[int]]]  # a request with its tokenized prompts
 
 
+class CompletionReplica:
+    """What a model replica does with a request whatever decodes it (the native `ModelServer`, the vLLM server):
+    tokenize and check it (400 before any decoding), merge the decoded deltas into choices or stream them.
+    Subclasses set `codec` (a batcher.TextCodec) and implement `_deltas(job, prompts)`."""
+
+    codec: Any
+
+    def _deltas(self, job: Job, prompts: list[list[int]]) -> AsyncIterator[list[ChoiceDelta]]:
+        raise NotImplementedError
+
+    def _finish(self, job: Job, prompts: list[list[int]], choices: list[ChoiceDelta]) -> None:
+        """Last touch on a non-streamed reply's choices (e.g. the native server's top log-probs)."""
+
+    def _prepare(self, job: Job) -> tuple[list[list[int]] | None, dict[str, Any] | None]:
+        try:
+            return self.codec.tokenize(job), None
+        except RequestError as e:
+            return None, ApiError(400, e.message, e.param, e.code).body()["error"]
+
+    def _with_tokens(self, job: Job, d: ChoiceDelta) -> ChoiceDelta:
+        if job.logprobs is not None:
+            d.tokens = [self.codec.token_str(t) for t in d.token_ids]
+        return d
+
+    async def complete(self, job: Job) -> Reply:
+        prompts, error = self._prepare(job)
+        if prompts is None:
+            return Reply(error=error)
+        acc: dict[int, ChoiceDelta] = {}
+        async for deltas in self._deltas(job, prompts):
+            for d in deltas:
+                if d.index in acc:
+                    top = d.top_logprobs
+                    acc[d.index].merge(d)
+                    acc[d.index].top_logprobs = top if top is not None else acc[d.index].top_logprobs
+                else:
+                    acc[d.index] = d
+        choices = [self._with_tokens(job, acc[i]) for i in sorted(acc)]
+        self._finish(job, prompts, choices)
+        return Reply(choices, sum(len(p) for p in prompts))
+
+    async def complete_stream(self, job: Job) -> AsyncIterator[Any]:
+        """First item: Reply(prompt_tokens) or Reply(error); then lists of ChoiceDelta (alternatives' log-probs
+        only in non-streamed replies)."""
+        prompts, error = self._prepare(job)
+        if prompts is None:
+            yield Reply(error=error)
+            return
+        yield Reply(prompt_tokens=sum(len(p) for p in prompts))
+        async for deltas in self._deltas(job, prompts):
+            for d in deltas:
+                d.top_logprobs = None
+            yield [self._with_tokens(job, d) for d in deltas]
+
+
 @serve.deployment(name="model")
-class ModelServer:
+class ModelServer(CompletionReplica):
     """One checkpoint. A request is tokenized and checked, then queued through `@serve.batch`; one decode loop
     per replica runs the batched sampler over everything queued, step by step.
 
@@ -129,7 +184,7 @@ class ModelServer:
         torch.set_num_threads(max(1, torch_threads))
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.max_rows = batching["max_batch_size"]
-        self.engine = Batcher.from_checkpoint(path, name, max_rows=self.max_rows, device=device)
+        self.engine = self.codec = Batcher.from_checkpoint(path, name, max_rows=self.max_rows, device=device)
         self._enqueue.set_max_batch_size(self.max_rows)
         self._enqueue.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
         self._pending: deque[tuple[Item, asyncio.Queue]] = deque()
@@ -194,51 +249,17 @@ class ModelServer:
         self._m_tokens.inc(n_tokens)
         self._m_tps.set(n_tokens / max(time.perf_counter() - t0, 1e-9))
 
-    async def _deltas(self, item: Item) -> AsyncIterator[list[ChoiceDelta]]:
-        q = await self._enqueue(item)
+    async def _deltas(self, job: Job, prompts: list[list[int]]) -> AsyncIterator[list[ChoiceDelta]]:
+        q = await self._enqueue((job, prompts))
         while (out := await q.get()) is not _END:
             if isinstance(out, Exception):
                 raise out
             yield out
 
-    # --- requests (called through the ingress' handles) ---------------------------------------------------
-    def _prepare(self, job: Job) -> tuple[list[list[int]] | None, dict[str, Any] | None]:
-        try:
-            return self.engine.tokenize(job), None
-        except RequestError as e:
-            return None, ApiError(400, e.message, e.param, e.code).body()["error"]
-
-    def _with_tokens(self, job: Job, d: ChoiceDelta) -> ChoiceDelta:
-        if job.logprobs is not None:
-            d.tokens = [self.engine.token_str(t) for t in d.token_ids]
-        return d
-
-    async def complete(self, job: Job) -> Reply:
-        prompts, error = self._prepare(job)
-        if prompts is None:
-            return Reply(error=error)
-        acc: dict[int, ChoiceDelta] = {}
-        async for deltas in self._deltas((job, prompts)):
-            for d in deltas:
-                if d.index in acc:
-                    acc[d.index].merge(d)
-                else:
-                    acc[d.index] = d
-        choices = [self._with_tokens(job, acc[i]) for i in sorted(acc)]
-        for c in choices if job.logprobs else []:
+    def _finish(self, job: Job, prompts: list[list[int]], choices: list[ChoiceDelta]) -> None:
+        for c in choices if job.logprobs else []:  # the alternatives: one forward pass per choice
             c.top_logprobs = self.engine.top_logprobs(prompts[c.index // job.n], c.token_ids, job.logprobs or 0,
                                                       job.temperature)
-        return Reply(choices, sum(len(p) for p in prompts))
-
-    async def complete_stream(self, job: Job) -> AsyncIterator[Any]:
-        """First item: Reply(prompt_tokens) or Reply(error); then lists of ChoiceDelta."""
-        prompts, error = self._prepare(job)
-        if prompts is None:
-            yield Reply(error=error)
-            return
-        yield Reply(prompt_tokens=sum(len(p) for p in prompts))
-        async for deltas in self._deltas((job, prompts)):
-            yield [self._with_tokens(job, d) for d in deltas]
 
 
 # FastAPI's own description would not show the request bodies (the endpoints parse them strictly themselves):

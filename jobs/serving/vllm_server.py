@@ -27,15 +27,16 @@ from typing import Any
 from ray import serve
 
 from actors.engines.vllm import check_vllm_model
-from jobs.serving.api import ApiError, ChoiceDelta, Job, RequestError
+from jobs.serving.api import ChoiceDelta, Job
 from jobs.serving.batcher import TextCodec, _Row
-from jobs.serving.deployments import Reply, bind_replica_grpc_to_loopback
+from jobs.serving.deployments import CompletionReplica, bind_replica_grpc_to_loopback
 from models.checkpoint import tokenizer_path
+from models.seeding import derive_seed
 from models.tokenizer import Tokenizer
 
 
 @serve.deployment(name="model-vllm")
-class VLLMModelServer:
+class VLLMModelServer(CompletionReplica):
     """One checkpoint on vLLM's async engine (its engine core runs in a child process of the replica)."""
 
     def __init__(self, name: str, path: str, options: dict[str, Any]) -> None:
@@ -68,7 +69,7 @@ class VLLMModelServer:
         greedy = job.temperature == 0
         return SamplingParams(
             n=1, max_tokens=job.max_tokens, temperature=job.temperature, top_p=1.0 if greedy else job.top_p,
-            seed=(job.seed + index) % 2**63, ignore_eos=True, stop_token_ids=[self.codec.eos],
+            seed=derive_seed(job.seed, index), ignore_eos=True, stop_token_ids=[self.codec.eos],
             logprobs=None if job.logprobs is None else job.logprobs, detokenize=False,
             output_kind=RequestOutputKind.DELTA)
 
@@ -123,43 +124,3 @@ class VLLMModelServer:
         finally:
             for t in tasks:
                 t.cancel()
-
-    # --- requests (called through the ingress' handles) -----------------------------------------------------
-    def _prepare(self, job: Job) -> tuple[list[list[int]] | None, dict[str, Any] | None]:
-
-        try:
-            return self.codec.tokenize(job), None
-        except RequestError as e:
-            return None, ApiError(400, e.message, e.param, e.code).body()["error"]
-
-    def _with_tokens(self, job: Job, d: ChoiceDelta) -> ChoiceDelta:
-        if job.logprobs is not None:
-            d.tokens = [self.codec.token_str(t) for t in d.token_ids]
-        return d
-
-    async def complete(self, job: Job) -> Reply:
-        prompts, error = self._prepare(job)
-        if prompts is None:
-            return Reply(error=error)
-        acc: dict[int, ChoiceDelta] = {}
-        async for deltas in self._deltas(job, prompts):
-            for d in deltas:
-                if d.index in acc:
-                    top = d.top_logprobs
-                    acc[d.index].merge(d)
-                    acc[d.index].top_logprobs = top if top is not None else acc[d.index].top_logprobs
-                else:
-                    acc[d.index] = d
-        return Reply([self._with_tokens(job, acc[i]) for i in sorted(acc)], sum(len(p) for p in prompts))
-
-    async def complete_stream(self, job: Job) -> AsyncIterator[Any]:
-        """First item: Reply(prompt_tokens) or Reply(error); then lists of ChoiceDelta."""
-        prompts, error = self._prepare(job)
-        if prompts is None:
-            yield Reply(error=error)
-            return
-        yield Reply(prompt_tokens=sum(len(p) for p in prompts))
-        async for deltas in self._deltas(job, prompts):
-            for d in deltas:
-                d.top_logprobs = None  # as the native server: alternatives only in non-streamed replies
-            yield [self._with_tokens(job, d) for d in deltas]

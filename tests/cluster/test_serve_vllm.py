@@ -6,7 +6,8 @@ Independent references: our GPT run by PyTorch on the same checkpoint — greedy
 `models.generation.generate` (vLLM's greedy tokens must be the same), and the full forward pass with
 `tempered_logprobs` on the tokens vLLM sampled (its reported log-probs must agree). Sampled (T > 0) text cannot be
 compared token for token with the native engine (other random numbers); it is checked for what the API promises:
-a seed reproduces a choice, choice i of n equals a request with seed + i, streamed text equals the whole reply.
+a seed reproduces a choice, choice i of n is seeded derive_seed(seed, i) (choice 0 = the n=1 request's), streamed
+text equals the whole reply.
 """
 
 from __future__ import annotations
@@ -136,11 +137,12 @@ def test_n_choices_seeds_stops_and_logprobs(server: dict) -> None:
     r = c.completions.create(model="policy", prompt=prompt, max_tokens=30, seed=100, n=3, stop=["e", "\n"],
                              logprobs=3, temperature=0.8)
     assert [ch.index for ch in r.choices] == [0, 1, 2]
+    # choice i samples with derive_seed(seed, i), as on the native engine: choice 0 is the n=1 request's choice
+    one = c.completions.create(model="policy", prompt=prompt, max_tokens=30, seed=100, stop=["e", "\n"],
+                               logprobs=3, temperature=0.8).choices[0]
+    assert one.text == r.choices[0].text
     for ch in r.choices:
         assert "e" not in ch.text and "\n" not in ch.text
-        one = c.completions.create(model="policy", prompt=prompt, max_tokens=30, seed=100 + ch.index,
-                                   stop=["e", "\n"], logprobs=3, temperature=0.8).choices[0]
-        assert one.text == ch.text  # choice i samples with seed + i, as on the native engine
         lp = ch.logprobs
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
         if lp.tokens:
