@@ -163,6 +163,17 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
+def rollout_engine(rows: list[dict[str, Any]]) -> str:
+    """Which engine sampled the RL run's rollouts, and whether its log-probs were the trainer's (native) or
+    recomputed by the policy (vLLM: the largest per-token gap |Δ log p| the run logged)."""
+    engines = sorted({r["engine"] for r in rows if r.get("engine")})
+    if not engines:
+        return "–"
+    gaps = [r["logprob_gap_max"] for r in rows if r.get("logprob_gap_max") is not None]
+    detail = f"recomputed by the policy, max |Δ log p| {max(gaps):.2g}" if gaps else "the trainer's own"
+    return f"{', '.join(engines)} ({detail})"
+
+
 def side_by_side(root: Path, n: int) -> list[dict[str, Any]]:
     """The first n held-out prompts with each model's response and gold score, from the eval stage's
     samples.jsonl (every model sampled with the same seed per prompt)."""
@@ -226,6 +237,7 @@ def write_report(root: Path, cfg: Any, state: dict[str, Any], wall_seconds: floa
     for key, label in EVAL_LABELS.items():
         if ev.get(key) is not None:
             lines.append(f"| {label} | {fmt(ev[key])} |")
+    lines.append(f"| rollout engine of PPO (log-probs) | {rollout_engine(read_metrics(root / 'ppo'))} |")
     if alg_rows:
         lines += ["", "## Algorithms (same SFT model, same reward model, same held-out prompts and seeds)", "",
                   "| algorithm | win rate over SFT | gold | proxy | KL to SFT (nats) | distinct-2 | wall time | "
