@@ -49,6 +49,7 @@ from cluster.train.engine import (
 from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
 from jobs.data.corpus import DataError
+from jobs.data.reader import check_dataset
 from jobs.data.tokens import TokenDataset, prepare, read_meta
 from jobs.data.vocabulary import train_tokenizer
 from jobs.runs import start_run
@@ -188,6 +189,11 @@ def check(cfg: PretrainConfig) -> tuple[Any, dict[str, Any]]:
                               f"{T5_SENTINELS} spans (got {spans})")
     if cfg.model.arch == "elmo" and not _tokenizer_path(cfg, meta):
         raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} not found; ELMo's byte-CNN needs the tokenizer")
+    try:  # unreadable shards, another tokenizer, a rank with less than one sequence: now, not in a worker
+        check_dataset(cfg.data.dir, tokenizer=cfg.data.tokenizer if Path(cfg.data.tokenizer).is_file() else None,
+                      block_size=seq, world_size=cfg.parallel.data_parallel())
+    except DataError as e:
+        raise ConfigError(f"data.dir: {e}") from None
     return mcfg, meta
 
 
