@@ -65,7 +65,7 @@ def make_config(dataset: Path, root: Path, name: str, **sets: object) -> Pretrai
     base = {
         "name": name, "runs_root": str(root), "log_every": 1, "seed": 3,
         "model": {"preset": "nano"},
-        "data": {"dir": str(dataset), "seq_len": SEQ, "seed": 5},
+        "data": {"dir": str(dataset), "tokenizer": str(dataset.parent / "tokenizer.json"), "seq_len": SEQ, "seed": 5},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "max_steps": STEPS, "micro_batch_size": MBS, "grad_accum": GA,
                   "grad_clip": 0.5, "weight_decay": 0.1},
         "parallel": {"num_workers": 2, "zero_stage": 1},
