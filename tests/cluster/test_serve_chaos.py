@@ -106,9 +106,12 @@ def auth() -> dict[str, str]:
 
 def replica_pids(app: str) -> list[int]:
     """PIDs of the running model replicas of `app`, from Ray's state API (the Serve actor names)."""
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    # this session's cluster by address: other Ray sessions may be running on the machine
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                         limit=1000)
     return sorted(a.pid for a in actors
                   if (a.name or "").startswith("SERVE_REPLICA") and f"{app}#model-policy#" in (a.name or ""))
 
