@@ -43,13 +43,12 @@ from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
 from jobs.data.examples import rank_slice
 from jobs.data.tasks import TaskConfig, build_task
-from jobs.rlhf.checkpoints import check_policy
+from jobs.rlhf.checkpoints import check_policy, finetune_start
 from jobs.rlhf.evaluation import evaluate_checkpoints
 from jobs.rlhf.preference import load_pairs, pair_batch, preference_loss_fn, reference_logprobs_on_ray
 from jobs.runs import start_run
-from models.checkpoint import load_checkpoint, read_config, tokenizer_path
+from models.checkpoint import load_checkpoint, read_config
 from models.generation import SamplingParams
-from models.tokenizer import Tokenizer
 
 
 @dataclass
@@ -147,18 +146,11 @@ def comparison_files(cfg: DPOConfig) -> tuple[Path, Path | None]:
 
 # --- driver ---------------------------------------------------------------------------------------------------
 def run(cfg: DPOConfig) -> dict[str, Any]:
-    check_policy(cfg.init_from, "init_from")
+    mcfg, tok_file, tokenizer = finetune_start(cfg.init_from, cfg.parallel, cfg.data.max_tokens)
     reference = cfg.reference or cfg.init_from
     check_policy(reference, "reference")
-    mcfg = read_config(cfg.init_from)[0]
     if read_config(reference)[0].vocab_size != mcfg.vocab_size:
         raise ConfigError("reference: its vocabulary differs from init_from's (they must share the tokenizer)")
-    cfg.parallel.validate()
-    cfg.parallel.check_model(mcfg)
-    if cfg.data.max_tokens > mcfg.n_ctx:
-        raise ConfigError(f"data.max_tokens: {cfg.data.max_tokens} exceeds the model's n_ctx={mcfg.n_ctx}")
-    tok_file = tokenizer_path(cfg.init_from)
-    tokenizer = Tokenizer.from_file(tok_file)
     train_file, held_file = comparison_files(cfg)
     # Everything is read and validated before anything is written or started.
     train, counts = load_pairs(train_file, tokenizer, cfg.data.max_tokens)

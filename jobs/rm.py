@@ -47,13 +47,12 @@ from jobs.config import ConfigError, field
 from jobs.data.examples import encode_example, load_elements, rank_slice, rm_batch
 from jobs.data.tasks import TaskConfig, build_task
 from jobs.data.tasks.base import stable_unit
-from jobs.rlhf.checkpoints import check_policy
+from jobs.rlhf.checkpoints import finetune_start
 from jobs.rlhf.reward_model import REWARD_INPUT, fold_reward_offset, offset_norm_name, rm_loss_fn
 from jobs.rlhf.sampling import GenerateSection, generate_comparisons
 from jobs.runs import start_run
-from models.checkpoint import load_checkpoint, read_config, save_checkpoint, tokenizer_path
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.heads import RewardModel
-from models.tokenizer import Tokenizer
 
 
 @dataclass
@@ -145,18 +144,11 @@ def _comparison_files(cfg: RMConfig) -> tuple[Path | None, Path | None]:
 # --- driver ---------------------------------------------------------------------------------------------------
 def run(cfg: RMConfig) -> dict[str, Any]:
 
-    check_policy(cfg.init_from, "init_from")
-    mcfg = read_config(cfg.init_from)[0]
-    cfg.parallel.validate()
-    cfg.parallel.check_model(mcfg)
+    mcfg, tok_file, tokenizer = finetune_start(cfg.init_from, cfg.parallel, cfg.data.max_tokens)
     try:
         offset_norm_name(mcfg)  # where the reward normalisation will be folded (GPT-1: the last block's ln_2)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.data.max_tokens > mcfg.n_ctx:
-        raise ConfigError(f"data.max_tokens: {cfg.data.max_tokens} exceeds the model's n_ctx={mcfg.n_ctx}")
-    tok_file = tokenizer_path(cfg.init_from)
-    tokenizer = Tokenizer.from_file(tok_file)
     train_file, held_file = _comparison_files(cfg)
     # Validate given comparisons and the task before anything is written or started.
     given = {}

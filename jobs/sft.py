@@ -42,12 +42,11 @@ from jobs.config import ConfigError, field
 from jobs.data.examples import ChatExample, Example, encode_demonstration, fits, rank_slice, sft_batch
 from jobs.data.tasks import TaskConfig, build_task
 from jobs.data.tasks.base import stable_unit
-from jobs.rlhf.checkpoints import check_policy
+from jobs.rlhf.checkpoints import finetune_start
 from jobs.rlhf.evaluation import evaluate_checkpoints
 from jobs.runs import start_run
-from models.checkpoint import load_checkpoint, read_config, tokenizer_path
+from models.checkpoint import load_checkpoint
 from models.generation import SamplingParams
-from models.tokenizer import Tokenizer
 
 
 @dataclass
@@ -155,17 +154,10 @@ def set_residual_dropout(model: Any, p: float) -> None:
 # --- driver ---------------------------------------------------------------------------------------------------
 def run(cfg: SFTConfig) -> dict[str, Any]:
 
-    check_policy(cfg.init_from, "init_from")
-    mcfg = read_config(cfg.init_from)[0]
-    cfg.parallel.validate()
-    cfg.parallel.check_model(mcfg)
-    tok_file = tokenizer_path(cfg.init_from)
-    tokenizer = Tokenizer.from_file(tok_file)
-    train, val, counts = prepare_demonstrations(cfg, tokenizer)
     width = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens - 1
-    if width > mcfg.n_ctx:
-        raise ConfigError(f"data.max_prompt_tokens + data.max_response_tokens: {width + 1} tokens exceed the "
-                          f"model's n_ctx={mcfg.n_ctx}")
+    mcfg, tok_file, tokenizer = finetune_start(cfg.init_from, cfg.parallel, width + 1,
+                                               "data.max_prompt_tokens + data.max_response_tokens")
+    train, val, counts = prepare_demonstrations(cfg, tokenizer)
     run_dir = start_run(cfg, cfg.name, cfg.runs_root).resolve()
     init_ray(address=cfg.address)
     t0 = time.perf_counter()
