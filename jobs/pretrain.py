@@ -190,8 +190,8 @@ def check(cfg: PretrainConfig) -> tuple[Any, dict[str, Any]]:
     if cfg.model.arch == "elmo" and not _tokenizer_path(cfg, meta):
         raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} not found; ELMo's byte-CNN needs the tokenizer")
     try:  # unreadable shards, another tokenizer, a rank with less than one sequence: now, not in a worker
-        check_dataset(cfg.data.dir, tokenizer=cfg.data.tokenizer if Path(cfg.data.tokenizer).is_file() else None,
-                      block_size=seq, world_size=cfg.parallel.data_parallel())
+        check_dataset(cfg.data.dir, tokenizer=_tokenizer_path(cfg, meta), block_size=seq,
+                      world_size=cfg.parallel.data_parallel())
     except DataError as e:
         raise ConfigError(f"data.dir: {e}") from None
     return mcfg, meta
@@ -232,7 +232,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def _tokenizer_path(cfg: PretrainConfig, meta: dict[str, Any]) -> str | None:
-    for p in (cfg.data.tokenizer, meta.get("tokenizer", {}).get("path")):
+    """The tokenizer the checkpoint ships: the one the dataset was prepared with (meta.json), else data.tokenizer.
+    (data.tokenizer's default path may hold another run's tokenizer; check() refuses one whose hash differs.)"""
+    for p in (meta.get("tokenizer", {}).get("path"), cfg.data.tokenizer):
         if p and Path(p).is_file():
             return str(Path(p).resolve())
     return None

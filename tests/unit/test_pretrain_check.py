@@ -38,9 +38,22 @@ def test_a_consistent_dataset_passes(dataset: dict[str, str]) -> None:
     assert meta["vocab_size"] == mcfg.vocab_size
 
 
-def test_another_tokenizer_is_refused_before_workers_start(dataset: dict[str, str]) -> None:
+def test_a_replaced_tokenizer_is_refused_before_workers_start(dataset: dict[str, str], tmp_path: Path) -> None:
+    import shutil
+
+    data, tok = tmp_path / "data", tmp_path / "tok.json"
+    shutil.copy(dataset["tok"], tok)
+    prepare(str(Path(dataset["dir"]).parent / "corpus"), tok, data, validation_fraction=0.5)
+    assert check(config({**dataset, "dir": str(data)}, tokenizer=str(tok), seq_len=16))
+    shutil.copy(dataset["other"], tok)  # the dataset's tokenizer file now holds another vocabulary
     with pytest.raises(ConfigError, match="data.dir: .*tokenizer"):
-        check(config(dataset, tokenizer=dataset["other"], seq_len=16))
+        check(config({**dataset, "dir": str(data)}, tokenizer=str(tok), seq_len=16))
+
+
+def test_the_datasets_own_tokenizer_wins_over_a_stale_default(dataset: dict[str, str]) -> None:
+    # data.tokenizer's default path may hold another run's tokenizer: the dataset's recorded one is used
+    mcfg, meta = check(config(dataset, tokenizer=dataset["other"], seq_len=16))
+    assert meta["tokenizer"]["path"] == dataset["tok"]
 
 
 def test_too_little_data_for_the_ranks_is_refused(dataset: dict[str, str]) -> None:
