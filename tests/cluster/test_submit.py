@@ -9,15 +9,9 @@ on this machine), then ended by its process-group id.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,68 +21,12 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 above 20000 (held open together so they differ)."""
-    socks: list[socket.socket] = []
-    ports: list[int] = []
-    while len(ports) < n:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        if s.getsockname()[1] > 20000:
-            ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def head():
-    # Short paths: Ray's Unix sockets live under the temp dir (107-byte limit).
-    base = Path(tempfile.mkdtemp(prefix="rgs-", dir="/tmp"))
-    env = {**os.environ, "HOME": str(base / "home"), "RAY_AUTH_MODE": "token",
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    (base / "home").mkdir()
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    gcs, dash, client, agent, agent_grpc, metrics, rte, nm, om = _free_ports(9)
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dash}",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-           f"--runtime-env-agent-port={rte}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-           "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={base / 'ray'}"]
-    log = (base / "head.log").open("w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        token = (base / "home" / ".ray" / "auth_token").read_text().strip()
-        req = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
-        deadline = time.time() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start --head exited {proc.returncode}:\n{(base / 'head.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(req, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"head not up after 90 s:\n{(base / 'head.log').read_text()[-3000:]}")
-            time.sleep(1)
-        yield {"address": address, "env": env, "base": base}
-    finally:
-        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)  # --block heads ignore a plain TERM to the parent; end the whole group
-                proc.wait(wait_s)
-                break
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                continue
-        log.close()
-        shutil.rmtree(base, ignore_errors=True)
+    from headnode import head_node
+
+    with head_node(num_cpus=2, timeout_s=90) as h:  # the drivers here name the address themselves
+        yield {**h, "env": {k: v for k, v in h["env"].items() if k != "RAY_ADDRESS"}}
 
 
 def _raygpt(head, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
