@@ -40,12 +40,14 @@ def run(cfg: ServeConfig) -> None:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    # The address and models come from the config alone: say them before start-up, which a signal may cut short
+    # (the HTTP proxy can answer before serve.run returns, so a client may already be done by then).
+    print(plan(cfg), flush=True)
     init_ray(cfg.address, num_cpus=num_cpus)
     try:
         serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
         serve.run(application, name=cfg.app_name, route_prefix=cfg.http.route_prefix, blocking=False)
         state["serving"] = True
-        print(plan(cfg), flush=True)
         print("serving; Ctrl-C to stop", flush=True)
         while not state["stop"]:
             time.sleep(0.5)
