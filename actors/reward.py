@@ -11,13 +11,21 @@ head at that closing EOS (jobs/data/examples.py `encode_example`), so every scor
 EOS — a response cut at max_new_tokens gets one appended, one that ended by itself is scored as it is. The reward
 role, the RM's own normalisation and accuracy, and evaluation's proxy score all go through `score_sequences` /
 `reward_inputs`, so "proxy reward" means one thing everywhere.
+
+Shaping against reward over-optimisation (`RewardShaping`; docs/OVEROPTIMISATION.md; Gao et al. 2022): the
+reward-model terms can be combined as an ensemble, conservatively (mean − k·std over members, Coste et al. 2023
+"Reward Model Ensembles Help Mitigate Overoptimization" §3), normalised over the scored batch and clipped (so
+pushing the proxy beyond a bound earns nothing), and repeated n-grams or length can be penalised. Every call also
+reports the batch's repetition rate and distinct-2 of response tokens and the ensemble's disagreement, penalised
+or not, so every run shows them.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +33,8 @@ from torch import Tensor, nn
 from actors.base import ScoreMeta, device, load_model, score_meta
 from actors.rollout import Rollout
 from cluster.worker_group import DistributedWorker
+from models.diversity import distinct_n, repeated_ngrams
+from models.ensemble import conservative_score
 from models.heads import last_token_index
 
 RewardFunction = Callable[[list[str], list[str]], Sequence[float]]
@@ -49,6 +59,29 @@ class RewardComponent:
 
 
 @dataclass(frozen=True)
+class RewardShaping:
+    """How the component scores become the sequence reward (order: ensemble → normalise → clip → + functions →
+    − penalties). Defaults leave r = Σ w_i·r_i unchanged."""
+
+    ensemble: bool = False  # reward-model terms are ensemble members: mean − ensemble_k·std (weights unused)
+    ensemble_k: float = 0.0  # conservative ensemble: k standard deviations (population std over members) below
+    normalize: Literal["none", "batch"] = "none"  # batch: whiten the model term over the rows this replica scores
+    clip: float = 0.0  # clamp the (normalised) model term to [−clip, clip]; 0 = off
+    repetition_coef: float = 0.0  # − coef × fraction of the response's token n-grams that repeat (`repeated_ngrams`)
+    repetition_n: int = 2
+    repetition_across: bool = False  # also count n-grams that another response of the batch contains
+    length_coef: float = 0.0  # − coef × response tokens (a negative coef rewards length)
+
+    def __post_init__(self) -> None:
+        if self.normalize not in ("none", "batch"):
+            raise RewardError(f"reward.normalize: 'none' or 'batch', got {self.normalize!r}")
+        if self.clip < 0 or self.ensemble_k < 0 or self.repetition_coef < 0:
+            raise RewardError("reward.clip / ensemble_k / repetition_coef: must be >= 0")
+        if self.repetition_n < 1:
+            raise RewardError(f"reward.repetition_n: must be >= 1, got {self.repetition_n}")
+
+
+@dataclass(frozen=True)
 class RewardSpec:
     """The sequence reward r(x, y) = Σ_i w_i·r_i(x, y) over `components`; `checkpoint` / `function` alone are the
     one-component shorthand (weight 1)."""
@@ -58,6 +91,7 @@ class RewardSpec:
     tokenizer: str | None = None  # tokenizer.json to decode with (required by a function)
     eos_id: int = 0  # the token that closes a response (`reward_inputs`)
     components: tuple[RewardComponent, ...] = ()
+    shaping: RewardShaping = field(default_factory=RewardShaping)
 
     def __post_init__(self) -> None:
         if self.components and (self.checkpoint is not None or self.function is not None):
@@ -69,6 +103,8 @@ class RewardSpec:
             raise RewardError(f"reward.components: names must be unique, got {names}")
         if any(c.function is not None for c in self.parts()) and self.tokenizer is None:
             raise RewardError("reward.function: a user reward needs a tokenizer to decode responses")
+        if self.shaping.ensemble and sum(c.checkpoint is not None for c in self.parts()) < 2:
+            raise RewardError("reward.ensemble: an ensemble needs at least two reward-model checkpoints")
 
     def parts(self) -> tuple[RewardComponent, ...]:
         if self.components:
@@ -182,21 +218,59 @@ class RewardWorker(DistributedWorker):
         return self.scorers[0] if len(self.scorers) == 1 and isinstance(self.scorers[0], nn.Module) else None
 
     def score(self, rollout: Rollout) -> tuple[ScoreMeta, Tensor]:
-        """(meta with per-component means, (B,) float32 composed sequence rewards on CPU)."""
+        """(meta with per-component means and the batch's text statistics, (B,) float32 composed sequence rewards
+        on CPU). Statistics: `repetition` (mean `repeated_ngrams` of the responses, n = repetition_n, within each
+        response), `distinct2_tokens` (distinct token bigrams of all responses), `response_tokens`, and with an
+        ensemble `ensemble_std` (mean over rows of the members' std: their disagreement)."""
         parts = self.component_scores(rollout)
-        scores = self.compose(parts)
+        scores = self.compose(parts, rollout)
         meta = score_meta(scores)
         means = {name: float(v.mean()) for name, v in parts.items()}
+        resp, mask = rollout.response_ids, rollout.action_mask
+        means["repetition"] = float(repeated_ngrams(resp, mask, self.spec.shaping.repetition_n).mean())
+        means["distinct2_tokens"] = distinct_n([r[m.bool()].tolist() for r, m in zip(resp, mask)], 2)
+        means["response_tokens"] = float(mask.sum(1).float().mean())
+        members = self.members(parts)
+        if members is not None:
+            means["ensemble_std"] = float(members.std(0, correction=0).mean())
         return ScoreMeta(meta.rows, meta.mean, means), scores
 
-    def compose(self, parts: dict[str, Tensor]) -> Tensor:
-        """Σ_i w_i·r_i: (B,) per component → (B,)."""
-        return sum((p.weight * parts[p.name] for p in self.parts), torch.zeros_like(next(iter(parts.values()))))
+    def members(self, parts: dict[str, Tensor]) -> Tensor | None:
+        """(M, B) scores of the ensemble's members, or None without an ensemble."""
+        if not self.spec.shaping.ensemble:
+            return None
+        return torch.stack([parts[p.name] for p in self.parts if p.checkpoint is not None])
+
+    def compose(self, parts: dict[str, Tensor], rollout: Rollout | None = None) -> Tensor:
+        """(B,) per component → (B,) reward. Without shaping Σ_i w_i·r_i; with it (RewardShaping, in order): the
+        reward-model term (Σ w_i·r_i over models, or an ensemble's mean − k·std), whitened over the batch, clipped
+        to ±clip; plus Σ w_j·f_j over functions; minus repetition_coef × `repeated_ngrams` and length_coef ×
+        response tokens (both need the rollout)."""
+        sh = self.spec.shaping
+        zero = torch.zeros_like(next(iter(parts.values())))
+        members = self.members(parts)
+        if members is not None:
+            model = conservative_score(members, sh.ensemble_k)
+        else:
+            model = sum((p.weight * parts[p.name] for p in self.parts if p.checkpoint is not None), zero)
+        if sh.normalize == "batch" and model.numel() > 1:
+            model = (model - model.mean()) / (model.std(correction=0) + 1e-6)
+        if sh.clip > 0:
+            model = model.clamp(-sh.clip, sh.clip)
+        out = model + sum((p.weight * parts[p.name] for p in self.parts if p.function is not None), zero)
+        if (sh.repetition_coef or sh.length_coef) and rollout is None:
+            raise RewardError("reward: a repetition or length penalty needs the rollout's responses")
+        if sh.repetition_coef and rollout is not None:
+            out = out - sh.repetition_coef * repeated_ngrams(rollout.response_ids, rollout.action_mask,
+                                                            sh.repetition_n, sh.repetition_across)
+        if sh.length_coef and rollout is not None:
+            out = out - sh.length_coef * rollout.action_mask.sum(1).float()
+        return out
 
     @torch.no_grad()
     def scores(self, rollout: Rollout) -> Tensor:
         """(B,) float32 composed sequence rewards (CPU)."""
-        return self.compose(self.component_scores(rollout))
+        return self.compose(self.component_scores(rollout), rollout)
 
     @torch.no_grad()
     def component_scores(self, rollout: Rollout) -> dict[str, Tensor]:

@@ -73,6 +73,8 @@ class DemoConfig:
     resume: bool = field(False, help="keep finished stages whose config is unchanged (else start afresh)")
     until: str | None = field(None, help="stop after this stage (no serve/report), e.g. to iterate on one stage")
     goal_win_rate: float = field(0.75, help="win rate of PPO over SFT the report checks against")
+    goal_max_kl: float | None = field(None, help="… reached at most at this KL(PPO‖SFT) (nats) with distinct-2 not "
+                                                 "below SFT's (issue 17; null = win rate alone)")
     samples: int = field(4, help="side-by-side sample completions in the report")
     algorithms: list[str] = field(["ppo"], help="algorithms run from the same SFT and RM and compared in the report: "
                                                "ppo (always) and any of grpo, rloo, reinforce_pp, dpo")
@@ -221,8 +223,6 @@ def serve_config(cfg: DemoConfig) -> Any:
 
 
 def _api_key(scfg: Any) -> str | None:
-
-
     if scfg.http.api_key_file:
         return Path(scfg.http.api_key_file).expanduser().read_text().strip()
     return os.environ.get(API_KEY_ENV, "").strip() or None
@@ -393,7 +393,6 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as e:
         print(f"\n[demo] FAILED: {e}", file=sys.stderr, flush=True)
         return 1
-
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ def run(cfg: PPOJobConfig) -> dict[str, Any]:
             ctl.kl.update(stats["kl"], cfg.rows)                          # adaptive β (Ziegler et al. §2.2)
             ctl.checkpoint(it)
             ctl.log(it, stats, update, time.perf_counter() - t0)
+            if ctl.watch(it, stats):  # held-out eval every monitor.every; the stop rule (jobs/rl/monitor.py)
+                break
         return ctl.finish()
 
 

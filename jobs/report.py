@@ -2,7 +2,8 @@
 that a stage measured; a missing metric is an error naming the file and key, never a blank plot).
 
 Plots (matplotlib, Agg backend): lm_loss.png (pretraining train/validation loss, SFT loss), rm_accuracy.png
-(reward-model pairwise accuracy), ppo.png (gold = labeler and proxy = RM reward, KL to the SFT policy, β).
+(reward-model pairwise accuracy), ppo.png (gold = labeler and proxy = RM reward, KL to the SFT policy, β),
+overoptimisation.png (Gao et al. 2022: gold and proxy against √KL over training, distinct-2 over training).
 Tables: the headline numbers (win rate of PPO over SFT by the labeler against the goal, gold and proxy scores,
 RM accuracy, perplexity), per-stage wall time, the served request, and sample completions of the pretrained,
 SFT and PPO models side by side on held-out prompts (same prompt, same sampling seed for all three).
@@ -137,6 +138,58 @@ def algorithm_rows(root: Path, ev: dict[str, Any], state: dict[str, Any], algori
     return out
 
 
+def plot_overoptimisation(rows: list[dict[str, Any]], final: dict[str, Any] | None, path: Path,
+                          label: str = "ppo") -> Path:
+    """Gao et al. 2022's picture of reward over-optimisation for one RL run (its metrics.jsonl rows; `final` = the
+    final held-out evaluation's metrics, or None): left, gold (labeler) and proxy (reward model) against √KL(π‖SFT)
+    per response over training — the training rollouts every iteration (lines) and the held-out evaluations
+    (`heldout_*` rows, markers; the final one starred); right, distinct-2 over training (held-out word bigrams
+    against SFT's, and the training rollouts' token bigrams) with the repetition rate."""
+    plt = pyplot()
+    fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(13, 4.5))
+    train = [r for r in rows if r.get("kl") is not None and r.get("iteration") is not None]
+    held = [r for r in rows if r.get("heldout_kl") is not None]
+    ax_p = ax.twinx()
+    sq = [max(r["kl"], 0.0) ** 0.5 for r in train]
+    if train:
+        ax.plot(sq, [r.get("gold_reward") for r in train], "-", color="tab:blue", alpha=0.6,
+                label="gold, training rollouts")
+        ax_p.plot(sq, [r["proxy_reward"] for r in train], "-", color="tab:orange", alpha=0.6,
+                  label="proxy, training rollouts")
+    hk = [max(r["heldout_kl"], 0.0) ** 0.5 for r in held]
+    if held:
+        ax.plot(hk, [r.get("heldout_gold") for r in held], "o", color="tab:blue", label="gold, held-out")
+        ax_p.plot(hk, [r.get("heldout_proxy") for r in held], "s", color="tab:orange", label="proxy, held-out")
+    if final and final.get(f"{label}/kl") is not None:
+        x = max(final[f"{label}/kl"], 0.0) ** 0.5
+        if final.get(f"{label}/gold") is not None:
+            ax.plot([x], [final[f"{label}/gold"]], "*", ms=14, color="tab:blue", label="gold, final evaluation")
+        if final.get(f"{label}/proxy") is not None:
+            ax_p.plot([x], [final[f"{label}/proxy"]], "*", ms=14, color="tab:orange", label="proxy, final")
+    ax.set(title="Gold and proxy reward vs √KL (Gao et al. 2022)", xlabel="√KL(policy ‖ SFT), √nats per response",
+           ylabel="gold score (labeler)")
+    ax_p.set_ylabel("proxy score (reward model)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax_p.legend(loc="lower right", fontsize=8)
+    if held:
+        its = [r["heldout_iteration"] for r in held]
+        ax_d.plot(its, [r.get("heldout_distinct2") for r in held], "o-", label="distinct-2, held-out (words)")
+        ax_d.plot(its, [r.get("heldout_sft_distinct2") for r in held], "--", color="grey", label="SFT, held-out")
+        ax_d.plot(its, [r.get("heldout_repetition") for r in held], "^-", label="repetition rate, held-out")
+    tr = [r for r in train if r.get("reward/distinct2_tokens") is not None]
+    if tr:
+        ax_d.plot([r["iteration"] for r in tr], [r["reward/distinct2_tokens"] for r in tr], "-", alpha=0.5,
+                  label="distinct-2, training rollouts (tokens)")
+    if final and final.get(f"{label}/distinct2") is not None and train:
+        end = train[-1]["iteration"]
+        ax_d.plot([end], [final[f"{label}/distinct2"]], "*", ms=14, label="distinct-2, final evaluation")
+        if final.get("sft/distinct2") is not None:
+            ax_d.axhline(final["sft/distinct2"], color="black", lw=0.8, ls=":", label="SFT, final evaluation")
+    ax_d.set(title="Diversity over training", xlabel="iteration", ylabel="fraction", ylim=(0, 1.02))
+    ax_d.legend(loc="lower left", fontsize=8)
+    return save_figure(fig, path)
+
+
 def plot_gold_vs_kl(root: Path, ev: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
     """Gold reward against KL(model‖SFT) on the held-out prompts, one point per algorithm and the SFT model."""
     plt = pyplot()
@@ -209,7 +262,8 @@ def write_report(root: Path, cfg: Any, state: dict[str, Any], wall_seconds: floa
     ppo_cfg = _load_yaml(root / "ppo" / "config.yaml")
     kl = ppo_cfg.get("kl", {})
     kl_target = kl.get("target") if kl.get("controller") == "adaptive" else None
-    plots = [plot_lm(root), plot_rm(root), plot_ppo(root, kl_target)]
+    plots = [plot_lm(root), plot_rm(root), plot_ppo(root, kl_target),
+             plot_overoptimisation(read_metrics(root / "ppo"), ev, root / "overoptimisation.png")]
     algorithms = list(getattr(cfg, "algorithms", ["ppo"]))
     alg_rows = algorithm_rows(root, ev, state, algorithms) if len(algorithms) > 1 else []
     if alg_rows:
@@ -219,7 +273,14 @@ def write_report(root: Path, cfg: Any, state: dict[str, Any], wall_seconds: floa
 
     win = ev[WIN_KEY]
     goal = cfg.goal_win_rate
-    verdict = "met" if win >= goal else "NOT met"
+    max_kl = getattr(cfg, "goal_max_kl", None)
+    kl_ok = max_kl is None or (ev.get("ppo/kl") is not None and ev["ppo/kl"] <= max_kl)
+    # issue 17: the win must not come from gaming the reward model — KL within budget, no less diverse than SFT
+    diverse = ev.get("ppo/distinct2") is not None and ev.get("sft/distinct2") is not None \
+        and ev["ppo/distinct2"] >= ev["sft/distinct2"]
+    met = win >= goal and kl_ok and (max_kl is None or diverse)
+    verdict = "met" if met else "NOT met"
+    goal_text = f"≥ {fmt(goal, True)}" + (f" at KL ≤ {max_kl:g} nats with distinct-2 ≥ SFT's" if max_kl else "")
     numbers = {"win_rate": win, "goal_win_rate": goal, **{k: ev[k] for k in EVAL_KEYS if k in ev}}
     lines = [
         f"# raygpt demo report — `{root}`", "",
@@ -232,8 +293,11 @@ def write_report(root: Path, cfg: Any, state: dict[str, Any], wall_seconds: floa
         "## Result", "",
         "| | value |", "|---|---|",
         f"| **win rate of PPO over SFT** (labeler = VADER, held-out prompts, ties = ½) | **{fmt(win, True)}** "
-        f"(goal ≥ {fmt(goal, True)}: {verdict}) |",
+        f"(goal {goal_text}: {verdict}) |",
     ]
+    for key, label in GOAL_LABELS.items():
+        if ev.get(key) is not None:
+            lines.append(f"| {label} | {fmt(ev[key])} |")
     for key, label in EVAL_LABELS.items():
         if ev.get(key) is not None:
             lines.append(f"| {label} | {fmt(ev[key])} |")
@@ -268,8 +332,9 @@ def write_report(root: Path, cfg: Any, state: dict[str, Any], wall_seconds: floa
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
-    headline = [f"win rate of PPO over SFT (labeler, held-out): {fmt(win, True)} — "
-                f"goal ≥ {fmt(goal, True)} {verdict}"]
+    headline = [f"win rate of PPO over SFT (labeler, held-out): {fmt(win, True)}, KL {fmt(ev.get('ppo/kl'))} nats, "
+                f"distinct-2 {fmt(ev.get('ppo/distinct2'))} (SFT {fmt(ev.get('sft/distinct2'))}) — goal {goal_text} "
+                f"{verdict}"]
     return {"path": path, "headline": headline, "numbers": numbers}
 
 
@@ -291,7 +356,17 @@ EVAL_LABELS = {
     "sft/ppl": "held-out perplexity, SFT",
     "ppo/ppl": "held-out perplexity, PPO",
 }
-EVAL_KEYS = tuple(EVAL_LABELS)
+# Issue 17: the numbers that show whether PPO's win comes from gaming the reward model (the goal's conditions).
+GOAL_LABELS = {
+    "ppo/kl": "KL(PPO ‖ SFT) per response on its held-out samples (nats)",
+    "sft/distinct2": "distinct-2 (distinct word bigrams / bigrams, all samples), SFT",
+    "ppo/distinct2": "distinct-2, PPO",
+    "sft/repetition": "repetition rate (word bigrams repeating one earlier in the same response), SFT",
+    "ppo/repetition": "repetition rate, PPO",
+    "sft/response_tokens": "response length (tokens), SFT",
+    "ppo/response_tokens": "response length (tokens), PPO",
+}
+EVAL_KEYS = tuple(EVAL_LABELS) + tuple(GOAL_LABELS)
 
 
 def load_eval(root: Path) -> dict[str, Any]:

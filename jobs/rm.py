@@ -17,6 +17,12 @@
 Training runs on the shared Ray Train + DeepSpeed engine (cluster/train/). Comparisons come from a file or
 directory (Parquet/JSONL: prompt, responses, ranking) or, when none is given, are sampled from the SFT model on
 Ray workers first (jobs/rlhf/sampling.py) into runs/<name>/comparisons/. Everything is validated before training starts.
+
+Ensemble (`ensemble: N`, issue 17; Coste et al. 2023): N reward models on the same comparisons, member i with head
+seed `seed + i` and data order `data.seed + i`, each normalised on the same demonstrations. Member 0 is
+runs/<name>/checkpoint as without an ensemble; members 1… are runs/<name>/members/<i>/checkpoint, listed in
+checkpoint/ensemble.json (models/ensemble.py), so one path names the whole ensemble and every single-RM reader
+still reads member 0. Cost: N trainings, one after another.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +58,7 @@ from jobs.rlhf.reward_model import REWARD_INPUT, fold_reward_offset, offset_norm
 from jobs.rlhf.sampling import GenerateSection, generate_comparisons
 from jobs.runs import start_run
 from models.checkpoint import load_checkpoint, save_checkpoint
+from models.ensemble import write_ensemble
 from models.heads import RewardModel
 
 
@@ -92,6 +99,8 @@ class RMConfig:
     heldout_comparisons: str = field("", help="comparisons for validation accuracy ('' = heldout.parquet beside "
                                               "the train comparisons, if any)")
     seed: int = field(0, help="head initialisation and dropout seed")
+    ensemble: int = field(1, help="reward models trained (seeds seed+i, data.seed+i): >1 writes an ensemble "
+                                  "checkpoint (checkpoint/ensemble.json; PPO's mitigation.ensemble)")
     log_every: int = field(10, help="report metrics to the driver every N steps")
     eval_every: int = field(25, help="held-out accuracy every N steps (and at the end)")
     normalize_demonstrations: int = field(512, help="demonstrations whose mean reward is set to 0 (0 = no "
@@ -108,6 +117,8 @@ class RMConfig:
         if self.parallel.pipeline > 1:
             raise ConfigError("parallel.pipeline: the reward model trains without pipeline parallelism (the "
                               "engine pipelines the LM objective only); use data/tensor parallelism")
+        if self.ensemble < 1:
+            raise ConfigError(f"ensemble: must be >= 1, got {self.ensemble}")
         if self.log_every < 1 or self.eval_every < 1 or self.normalize_demonstrations < 0:
             raise ConfigError("log_every/eval_every: must be >= 1; normalize_demonstrations >= 0")
 
@@ -183,6 +194,19 @@ def run(cfg: RMConfig) -> dict[str, Any]:
     result = launch(train_loop, loop_config, cfg.parallel, run_dir, cfg.failure.max_failures,
                     keep=cfg.checkpoint.keep, progress_steps=cfg.optim.max_steps)
     summary.update({k: v for k, v in (result.metrics or {}).items() if k != "rows"})
+    members = []
+    for i in range(1, cfg.ensemble):  # the other ensemble members: same data, other seeds
+        member = replace(cfg, seed=cfg.seed + i, data=replace(cfg.data, seed=cfg.data.seed + i))
+        member_dir = run_dir / "members" / str(i)
+        member_dir.mkdir(parents=True, exist_ok=True)
+        res = launch(train_loop, {**loop_config, "cfg": member, "run_dir": str(member_dir), "resume_from": None},
+                     cfg.parallel, member_dir, cfg.failure.max_failures, keep=cfg.checkpoint.keep,
+                     progress_steps=cfg.optim.max_steps)
+        members.append(member_dir / "checkpoint")
+        summary.setdefault("members", []).append({"seed": member.seed, "checkpoint": str(members[-1]), **{
+            k: v for k, v in (res.metrics or {}).items() if k in ("val_accuracy", "val_loss")}})
+    if members:
+        write_ensemble(run_dir / "checkpoint", members, seeds=[cfg.seed + i for i in range(cfg.ensemble)])
     summary["train_seconds"] = round(time.perf_counter() - t0, 2)
     ckpt_cfg = json.loads((run_dir / "checkpoint" / "config.json").read_text())
     summary["reward_normalization"] = ckpt_cfg["raygpt"].get("reward_normalization")

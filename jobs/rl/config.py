@@ -20,6 +20,7 @@ from cluster.faults import ActorFault
 from cluster.placement import PlacementConfig, PlacementError, PlacementSpec
 from jobs.config import ConfigError, field
 from jobs.data.tasks import TaskConfig
+from jobs.rl.mitigation import MitigationConfig, MonitorConfig, ensemble_items
 from models.advantages import ADVANTAGE_ESTIMATORS, get_estimator
 from models.generation import SamplingParams
 from models.losses import LossAgg
@@ -172,6 +173,8 @@ class PPOJobConfig:
     loss: LossConfig = field(LossConfig(), help="policy-loss variants (aggregation, clip-higher, KL placement)")
     ptx: PtxConfig = field(PtxConfig(), help="pretraining mix")
     prompts: PromptsConfig = field(PromptsConfig(), help="prompts")
+    mitigation: MitigationConfig = field(MitigationConfig(), help="against reward over-optimisation (docs)")
+    monitor: MonitorConfig = field(MonitorConfig(), help="held-out evaluation during training")
     placement: PlacementConfig = field(PlacementConfig(), help="role → pool → bundles (see cluster/placement.py)")
     fault: FaultConfig = field(FaultConfig(), help="fault tolerance")
     keep_checkpoints: int = field(2, help="trainer_state checkpoints kept (one per iteration is written)")
@@ -276,6 +279,7 @@ class PPOJobConfig:
                                   "to null), or a list of rewards")
             items = [("reward_model" if self.reward_model else "reward_function", self.reward_model,
                       self.reward_function, 1.0, None)]
+        items = ensemble_items(items) if self.mitigation.ensemble else items  # members rm_0, rm_1, …
         out: list[RewardComponent] = []
         n_models = sum(1 for _, m, _, _, _ in items if m is not None)
         for where, model, function, weight, name in items:
@@ -373,8 +377,8 @@ def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: in
                                         clip_high=cfg.loss.clip_high, loss_agg=agg,
                                         max_response_len=norm)),
         reference=ReferenceSpec(policy_dir, temperature=s.temperature),
-        reward=RewardSpec(components=tuple(components),
-                          tokenizer=tokenizer_path if any(c.function for c in components) else None, eos_id=eos_id),
+        reward=RewardSpec(components=tuple(components), eos_id=eos_id, shaping=cfg.mitigation.shaping(),
+                          tokenizer=tokenizer_path if any(c.function for c in components) else None),
         value=ValueSpec(value_init, value_engine, epochs=p.epochs, minibatch_size=p.minibatch_size // n_value,
                         clip_eps=p.value_clip, seed=cfg.seed),
         rollout=RolloutWorkerSpec(policy_dir, sampling, eos_id, engine=cfg.engine),

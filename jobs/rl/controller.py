@@ -49,6 +49,7 @@ from jobs.config import ConfigError, to_dict
 from jobs.rl.config import PPOJobConfig, RoleSpecs, abspath, parse_fault, role_specs
 from jobs.rl.final import export_policy, heldout_eval, write_report
 from jobs.rl.inputs import PromptSet, check_checkpoints, gold_function, load_tokenizer, ptx_dataset
+from jobs.rl.monitor import Monitor
 from jobs.runs import start_run
 from models.advantages import AdaptiveKLController, FixedKLController
 from models.files import write_atomic
@@ -58,7 +59,7 @@ from models.seeding import derive_seed, stream_slice
 # placement layout and the cluster address may change).
 TRAJECTORY_FIELDS = ("seed", "algorithm", "group_size", "batch_size", "policy", "reward_model", "reward_function",
                      "rewards", "value_init", "sampling", "kl", "ppo", "loss", "ptx", "task", "prompts.source",
-                     "prompts.split")
+                     "prompts.split", "mitigation")
 
 
 class StageFailed(RuntimeError):
@@ -193,6 +194,7 @@ class Controller:
                     shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         start_run(cfg, cfg.name, cfg.runs_root)
         self.metrics = MetricsWriter(self.run_dir)
+        self.monitor = Monitor(cfg, self.metrics)  # held-out evaluation during training, stop rule (issue 17)
 
     # --- cluster ----------------------------------------------------------------------------------------------
     def __enter__(self) -> Controller:
@@ -484,6 +486,11 @@ class Controller:
               f"clipfrac {update.get('clipfrac', 0):.3f}  {row['samples_per_s']:.1f} samples/s", flush=True)
         return row
 
+    def watch(self, it: int, stats: dict[str, float]) -> bool:
+        """After iteration `it`: the periodic held-out evaluation (a Ray task on the policy's weights) and the
+        stop rule; True = end the run now (jobs/rl/monitor.py)."""
+        return self.monitor.step(it, stats, self.policy.weights)
+
     def finish(self) -> dict[str, Any]:
         """Export the final policy as an HF checkpoint, evaluate on held-out prompts, write the report."""
 
@@ -491,6 +498,7 @@ class Controller:
                                    self.tokenizer_path)
         summary: dict[str, Any] = {"checkpoint": str(checkpoint), "iterations": self.cfg.iterations,
                                    "recoveries": self.recoveries, "startup_s": round(self.timings.get("startup", 0), 2)}
+        summary.update(self.monitor.summary())  # waits for evaluations still running; stopped_at, stop_reason
         if self.cfg.prompts.eval_size > 0:
             summary["eval"] = heldout_eval(self.cfg, self.tok, checkpoint, abspath(self.cfg.policy) or "", self.gold)
         write_report(self.run_dir, summary)

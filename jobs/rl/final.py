@@ -21,7 +21,7 @@ from actors.base import (
     weights_checksum,
 )
 from cluster.metrics import read_metrics
-from jobs.report import fmt, pyplot, save_figure
+from jobs.report import fmt, plot_overoptimisation, pyplot, save_figure
 from jobs.rl.config import PPOJobConfig
 from jobs.rl.inputs import GoldFn, PromptSet
 from jobs.rlhf.evaluation import evaluate_checkpoints
@@ -31,13 +31,18 @@ from models.gpt import GPT
 EVAL_SALT = 7_777  # keeps evaluation seeds apart from the training iterations' seeds
 
 
-def export_policy(message: WeightsMessage, cfg: PPOJobConfig, path: Path, tokenizer_path: str) -> Path:
-    """Write the policy's final weights as an HF GPT-2 directory (atomically; checksum verified)."""
-    model_cfg, _, _ = read_config(cfg.policy)
-    model = GPT(model_cfg)
+def policy_model(message: WeightsMessage, policy_dir: str) -> GPT:
+    """The policy's weights (a WeightsMessage) as a GPT of the SFT checkpoint's config; checksum verified."""
+    model = GPT(read_config(policy_dir)[0])
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in message.state.items()}, strict=True)
     if weights_checksum(model.state_dict()) != message.checksum:
         raise RuntimeError("export: the policy's weights changed in transit (checksum mismatch)")
+    return model
+
+
+def export_policy(message: WeightsMessage, cfg: PPOJobConfig, path: Path, tokenizer_path: str) -> Path:
+    """Write the policy's final weights as an HF GPT-2 directory (atomically; checksum verified)."""
+    model = policy_model(message, cfg.policy)
     return save_checkpoint(model, path, kind="lm", tokenizer=tokenizer_path,
                            extra={"ppo": {"weight_version": message.version, "checksum": message.checksum}})
 
@@ -65,7 +70,8 @@ REPORT_COLUMNS = ("iteration", "gold_reward", "proxy_reward", "kl", "beta", "ent
 
 def write_report(run_dir: Path, summary: dict[str, Any]) -> None:
     """summary.json, report.md (per-iteration table + held-out comparison) and curves.png."""
-    rows = read_metrics(run_dir)
+    every = read_metrics(run_dir)
+    rows = [r for r in every if r.get("iteration") is not None]  # training rows (heldout_* rows: the monitor's)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     cols = [c for c in REPORT_COLUMNS if any(c in r for r in rows)]
     lines = ["# PPO report", "", f"Run `{run_dir}`; final policy: `{summary.get('checkpoint')}`.", "",
@@ -76,11 +82,16 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> None:
         lines += ["", f"## Held-out comparison ({ev['prompts']} prompts, split {ev['split']})", ""]
         a = ev.get("label", "ppo")
         for key in ("sft/gold", f"{a}/gold", f"win_rate/{a}_vs_sft", "sft/proxy", f"{a}/proxy", f"{a}/kl",
-                    "sft/response_tokens", f"{a}/response_tokens"):
+                    "sft/response_tokens", f"{a}/response_tokens", "sft/distinct2", f"{a}/distinct2",
+                    "sft/repetition", f"{a}/repetition"):
             if key in ev:
                 lines.append(f"- {key}: {fmt(ev[key])}")
         lines += ["", "| prompt | SFT | PPO |", "|---|---|---|"]
         lines += [f"| {s['prompt']!r} | {s['sft']!r} | {s['ppo']!r} |" for s in ev.get("samples", [])]
+    if summary.get("stopped_at"):
+        lines += ["", f"Stopped early after iteration {summary['stopped_at']}: {summary['stop_reason']}."]
+    if rows:
+        lines += ["", "![over-optimisation](overoptimisation.png)"]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     if rows:
         plt = pyplot()
@@ -94,3 +105,4 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> None:
             ax.set_xlabel("iteration")
             ax.legend()
         save_figure(fig, run_dir / "curves.png")
+        plot_overoptimisation(every, ev or None, run_dir / "overoptimisation.png", (ev or {}).get("label", "ppo"))

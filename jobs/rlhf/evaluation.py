@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from jobs.rlhf.checkpoints import load_lm
 from jobs.rlhf.sampling import sample_seed
 from models.checkpoint import load_checkpoint, read_config
 from models.config import ConfigError
+from models.diversity import distinct_n, repetition_rate
 from models.generation import SamplingParams
 from models.losses import lm_loss, pairwise_accuracy
 from models.tokenizer import Tokenizer
@@ -37,24 +38,30 @@ class HeldoutComparison:
     Every model samples one response per prompt with the same per-prompt seed (sample_seed(seed, "heldout", i, 0))
     under the same `SamplingParams`; `metrics` holds per model `<label>/gold` (the labeller), `<label>/proxy` (the
     reward model, through the reward role's EOS rule), `<label>/kl` (Σ_t log π(a_t) − log π_ref(a_t) on the
-    model's own samples: the k1 estimate of KL(π‖π_ref) in nats, against `kl_reference`), `<label>/response_tokens`,
-    `<label>/response_chars`, `<label>/distinct2` (distinct word bigrams of all its responses, `distinct_n`), and
-    `win_rate/<a>_vs_<b>` for every ordered pair with gold scores (ties ½)."""
+    model's own samples: the k1 estimate of KL(π‖π_ref) in nats, against `kl_reference`; per response in `kl`),
+    `<label>/response_tokens`, `<label>/response_chars`, `<label>/distinct1` and `<label>/distinct2` (distinct
+    word unigrams / bigrams over all its responses, models/diversity.py `distinct_n`), `<label>/repetition` (the
+    fraction of word bigrams repeating an earlier bigram of the same response, `repetition_rate`), and
+    `win_rate/<a>_vs_<b>` for every ordered pair with gold scores (ties ½). Words = whitespace-split."""
 
     prompts: list[str]
     responses: dict[str, list[str]]
     gold: dict[str, list[float]]
     proxy: dict[str, list[float]]
     metrics: dict[str, float]
+    kl: dict[str, list[float]] = field(default_factory=dict)  # label → per-response KL to kl_reference (nats)
+    tokens: dict[str, list[int]] = field(default_factory=dict)  # label → per-response length in tokens
 
     def rows(self) -> list[dict[str, Any]]:
-        """Per prompt: the prompt and each model's response, gold and proxy score (samples.jsonl)."""
+        """Per prompt: the prompt and each model's response, gold and proxy score, KL and length (samples.jsonl)."""
         out = []
         for i, p in enumerate(self.prompts):
             row: dict[str, Any] = {"prompt": p}
             for label, responses in self.responses.items():
                 row[label] = {"response": responses[i], **({"gold": self.gold[label][i]} if label in self.gold else {}),
-                              **({"proxy": self.proxy[label][i]} if label in self.proxy else {})}
+                              **({"proxy": self.proxy[label][i]} if label in self.proxy else {}),
+                              **({"kl": self.kl[label][i]} if label in self.kl else {}),
+                              **({"tokens": self.tokens[label][i]} if label in self.tokens else {})}
             out.append(row)
         return out
 
@@ -75,6 +82,8 @@ def compare_models(models: Mapping[str, nn.Module], tokenizer: Tokenizer, prompt
     gold_scores: dict[str, list[float]] = {}
     proxy: dict[str, list[float]] = {}
     metrics: dict[str, float] = {"prompts": float(len(prompts))}
+    kl_rows: dict[str, list[float]] = {}
+    token_rows: dict[str, list[int]] = {}
     for label, model in models.items():
         model.eval()
         kl: list[Tensor] = []
@@ -95,7 +104,7 @@ def compare_models(models: Mapping[str, nn.Module], tokenizer: Tokenizer, prompt
                 rollout = sample_rollout(model, [ids[r] for r in rows], rows, [seeds[r] for r in rows], sampling,
                                          eos, 0, "")
             texts[label] += decode_rollout(rollout, tokenizer.decode, eos)[1]
-            lengths.append(rollout.action_mask.sum(1).float())
+            lengths.append(rollout.action_mask.sum(1))
             with torch.no_grad():
                 if kl_reference is not None:
                     ref = response_logprobs(response_logits(models[kl_reference], rollout), rollout,
@@ -104,11 +113,16 @@ def compare_models(models: Mapping[str, nn.Module], tokenizer: Tokenizer, prompt
                 if reward_model is not None:
                     r_ids, r_mask = reward_inputs(rollout.input_ids, rollout.attention_mask, eos)
                     proxy_rows += reward_model.eval()(r_ids, r_mask).float().tolist()
-        metrics[f"{label}/response_tokens"] = float(torch.cat(lengths).mean())
+        token_rows[label] = [int(x) for x in torch.cat(lengths).tolist()]
+        metrics[f"{label}/response_tokens"] = float(torch.cat(lengths).float().mean())
         metrics[f"{label}/response_chars"] = sum(map(len, texts[label])) / len(prompts)
-        # Repetition of the samples: distinct word bigrams over all of this model's responses.
-        metrics[f"{label}/distinct2"] = distinct_n([t.split() for t in texts[label]], 2)
+        # Diversity and repetition of the samples (issue 17: the signs of a policy gaming its reward model).
+        words = [t.split() for t in texts[label]]
+        metrics[f"{label}/distinct1"] = distinct_n(words, 1)
+        metrics[f"{label}/distinct2"] = distinct_n(words, 2)
+        metrics[f"{label}/repetition"] = repetition_rate(words, 2)
         if kl:
+            kl_rows[label] = torch.cat(kl).tolist()
             metrics[f"{label}/kl"] = float(torch.cat(kl).mean())
         if reward_model is not None:
             proxy[label] = proxy_rows
@@ -120,7 +134,7 @@ def compare_models(models: Mapping[str, nn.Module], tokenizer: Tokenizer, prompt
         for b in gold_scores:
             if a != b:
                 metrics[f"win_rate/{a}_vs_{b}"] = win_rate(gold_scores[a], gold_scores[b])
-    return HeldoutComparison(list(prompts), texts, gold_scores, proxy, metrics)
+    return HeldoutComparison(list(prompts), texts, gold_scores, proxy, metrics, kl_rows, token_rows)
 
 
 def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], prompts: Sequence[str], sampling: SamplingParams,
@@ -143,17 +157,6 @@ def evaluate_checkpoints(checkpoints: Mapping[str, str | Path], prompts: Sequenc
     engines = {label: make_engine(engine, path) for label, path in checkpoints.items()} if engine != "native" else None
     return compare_models(models, tokenizer, prompts, sampling, seed, gold=gold, reward_model=rm,
                           kl_reference=kl_reference, batch_size=batch_size, engines=engines)
-
-
-def distinct_n(sequences: Sequence[Sequence[Any]], n: int) -> float:
-    """distinct-n (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models" §4):
-    the number of distinct n-grams over all `sequences` divided by their total number of n-grams — 1.0 when no
-    n-gram repeats anywhere, → 0 as samples repeat themselves and each other. Sequences shorter than n contribute
-    no n-gram; 0.0 when there is none at all."""
-    if n < 1:
-        raise ValueError(f"n: must be >= 1, got {n}")
-    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:

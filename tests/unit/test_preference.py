@@ -18,9 +18,9 @@ from torch.testing import assert_close
 
 from jobs.config import ConfigError
 from jobs.data.examples import encode_example
-from jobs.rlhf.evaluation import distinct_n
 from jobs.rlhf.preference import Pair, load_pairs, pair_batch, pair_logprobs, preference_loss_fn, reference_logprobs
 from models.config import GPTConfig
+from models.diversity import distinct_n
 from models.dpo import preference_loss
 from models.gpt import GPT
 from models.tokenizer import Tokenizer

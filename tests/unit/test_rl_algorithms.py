@@ -184,5 +184,6 @@ def test_reward_role_composes_weighted_components_and_reports_each(tmp_path: Pat
     lengths = torch.tensor(length_reward(*decode_rollout(rollout, tok.decode, tok.eos_id)))
     meta, scores = worker.score(rollout)
     assert_close(scores, rm_only + 0.5 * lengths)
-    assert meta.components == pytest.approx({"rm": float(rm_only.mean()), "len": float(lengths.mean())})
+    named = {k: meta.components[k] for k in ("rm", "len")}  # besides the batch's text statistics (issue 17)
+    assert named == pytest.approx({"rm": float(rm_only.mean()), "len": float(lengths.mean())})
     assert meta.mean == pytest.approx(float(scores.mean()))
