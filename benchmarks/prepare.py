@@ -4,13 +4,18 @@
    Shakespeare speeches (so the tokenizer sees real text; each file is cut into ~20 documents of 200k chars).
 2. Baseline: one process calling `tokenizers`' `encode_batch` (TOKENIZERS_PARALLELISM=false: one thread) on the
    documents of the first `BASELINE_MB` of the corpus (the same 200k-char parts prepare tokenises; whole 4 MB
-   strings tokenise ~2× slower), in its own session — tokens/s.
+   strings tokenise ~2× slower), in its own session — tokens/s, run before and after prepare (the mean brackets
+   the load prepare met). The corpus is one seeded mix of the same speeches, so the first 32 MB is a fair sample
+   of the rate; the report also gives the baseline's time for the whole corpus at that rate.
 3. `raygpt prepare` with engine=ray on the embedded cluster (`WORKERS` tokeniser actors): tokens/s over the whole
    run (names pass, Ray Data start, writing included) and peak RSS of the whole process tree (driver, raylet,
    GCS, Ray Data tasks and actors) above the idle tree (Ray started, nothing running). Shared-memory pages of the
-   object store count once per process that maps them, so the tree RSS overstates real use.
+   object store count once per process that maps them, so the tree RSS overstates real use. The peak of each
+   quarter of the run shows whether memory climbs as more of the corpus has gone through.
 4. `raygpt pretrain` for `STEPS` steps (tiny preset) on that dataset and on Shakespeare: peak tree RSS of each; the
    streaming reader should make the difference independent of the corpus size (goal ≤ 300 MB).
+5. Raw numbers go to .tmp/bench-prepare/result-<MB>.json; the corpus and dataset (GBs) are deleted at the end
+   unless RAYGPT_BENCH_KEEP is set.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,6 +96,7 @@ class PeakWithBreakdown(PeakRSS):
     def __init__(self, interval: float = 0.5) -> None:
         super().__init__(interval)
         self.at_peak: dict[str, tuple[int, int]] = {}
+        self.samples: list[tuple[float, int]] = []  # (time, tree RSS): does the RSS climb as the corpus goes by?
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -108,9 +115,22 @@ class PeakWithBreakdown(PeakRSS):
                 except psutil.Error:
                     pass
             total = sum(r for _, r in groups.values())
+            self.samples.append((time.perf_counter(), total))
             if total > self.peak:
                 self.peak, self.at_peak = total, groups
             self._stop.wait(self.interval)
+
+    def quarter_peaks(self) -> list[float]:
+        """Peak tree RSS (GiB) in each quarter of the run's wall time: flat if memory does not grow with the
+        corpus read so far (a leak or an unbounded queue shows as a rising sequence)."""
+        if not self.samples:
+            return []
+        t0, t1 = self.samples[0][0], self.samples[-1][0]
+        peaks = [0] * 4
+        for t, rss in self.samples:
+            q = min(3, int(4 * (t - t0) / max(t1 - t0, 1e-9)))
+            peaks[q] = max(peaks[q], rss)
+        return [p / 2**30 for p in peaks]
 
     def top(self, k: int = 5) -> str:
         rows = sorted(self.at_peak.items(), key=lambda kv: -kv[1][1])[:k]
@@ -134,7 +154,8 @@ def ray_prepare(corpus: Path, out: Path) -> dict[str, float]:
     tokens = sum(s["tokens"] for s in meta["splits"].values())
     return {"tokens": tokens, "docs": sum(s["docs"] for s in meta["splits"].values()), "seconds": dt,
             "tokens_per_s": tokens / dt, "idle_gib": idle / 2**30, "peak_gib": rss.peak / 2**30,
-            "growth_gib": (rss.peak - idle) / 2**30, "breakdown": rss.top()}  # type: ignore[dict-item]
+            "growth_gib": (rss.peak - idle) / 2**30, "breakdown": rss.top(),  # type: ignore[dict-item]
+            "quarters": rss.quarter_peaks()}  # type: ignore[dict-item]
 
 
 def pretrain_peak(data: Path, root: Path, name: str) -> float:
@@ -158,6 +179,10 @@ def pretrain_peak(data: Path, root: Path, name: str) -> float:
     return rss.peak / 2**30
 
 
+def _load() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     from benchmarks.pretrain import ensure_data
 
@@ -165,48 +190,61 @@ def main() -> None:
     corpus = generate(SIZE_MB)
     size = sum(p.stat().st_size for p in corpus.glob("*.txt"))
     # baseline, prepare, baseline: on a shared machine the mean of the two brackets prepare's load
+    load = {"start": _load()}
     before = _baseline_process(corpus)
     dataset = WORK / f"data-{SIZE_MB}"
     ours = ray_prepare(corpus, dataset)
+    load["after prepare"] = _load()
     after = _baseline_process(corpus)
     base = {k: (before[k] + after[k]) / 2 for k in before}
     print(f"baseline encode_batch: {before['tokens_per_s']:,.0f} / {after['tokens_per_s']:,.0f} tokens/s on "
           f"{base['bytes'] / 1e6:.0f} MB", flush=True)
-    print(f"raygpt prepare: {ours['tokens_per_s']:,.0f} tokens/s, peak tree RSS {ours['peak_gib']:.2f} GiB "
-          f"({ours['growth_gib']:+.2f} over idle): {ours['breakdown']}", flush=True)
+    print(f"raygpt prepare: {ours['tokens_per_s']:,.0f} tokens/s in {ours['seconds']:,.0f} s, peak tree RSS "
+          f"{ours['peak_gib']:.2f} GiB ({ours['growth_gib']:+.2f} over idle; per quarter "
+          f"{ours['quarters']}): {ours['breakdown']}", flush=True)
     with tempfile.TemporaryDirectory(dir=ROOT / ".tmp") as tmp:
         small = pretrain_peak(shakespeare, Path(tmp), "shakespeare")
         big = pretrain_peak(dataset, Path(tmp), "generated")
+    load["end"] = _load()
     print(f"pretrain {STEPS} steps peak RSS: Shakespeare {small:.2f} GiB, generated {big:.2f} GiB", flush=True)
+    (WORK / f"result-{SIZE_MB}.json").write_text(json.dumps(
+        {"size": size, "baseline": [before, after], "prepare": ours, "pretrain_gib": [small, big], "load": load},
+        indent=2) + "\n")
     speed = ours["tokens_per_s"] / base["tokens_per_s"]
+    quarters = " → ".join(f"{q:.2f}" for q in ours["quarters"])
     extrapolated = "" if SIZE_MB >= 2048 else (
-        f"\nMeasured at {SIZE_MB} MB instead of 2 GB (RAYGPT_BENCH_PREPARE_MB; 2 GB takes too long on a shared "
-        f"2-core box). Time scales linearly in the corpus: 2 GB ≈ {ours['seconds'] * 2048 / SIZE_MB / 60:.0f} min "
-        "at this rate; memory does not grow with it (every buffer is bounded by a block, a row group or a file "
-        "part; the driver's one per-corpus array is 8 bytes per document: "
-        f"{ours['docs'] * 2048 / SIZE_MB * 8 / 2**20:.1f} MiB at 2 GB).\n")
+        f"\nMeasured at {SIZE_MB} MB instead of 2 GB (RAYGPT_BENCH_PREPARE_MB). Time scales linearly in the "
+        f"corpus: 2 GB ≈ {ours['seconds'] * 2048 / SIZE_MB / 60:.0f} min at this rate.\n")
     write_section("Data: raygpt prepare on Ray Data, streaming reader (benchmarks/prepare.py)", f"""
 Generated corpus: {size / 1e6:,.0f} MB of text ({size // (FILE_MB << 20)} files of {FILE_MB} MB of random Shakespeare
 speeches; {ours['docs']:,} documents, {ours['tokens']:,} tokens with the 4,096-token BPE). `raygpt prepare
---set engine=ray --set workers={WORKERS}` on the embedded cluster ({WORKERS + 1} logical CPUs).
+--set engine=ray --set workers={WORKERS}` on the embedded cluster ({WORKERS + 1} logical CPUs). Load average
+(1 / 5 / 15 min): {load['start']} at the start, {load['after prepare']} after prepare, {load['end']} at the end.
 
 | | tokens/s | wall | peak RSS, process tree |
 |---|---|---|---|
-| `tokenizers` `encode_batch`, one process, one thread ({base['bytes'] / 1e6:.0f} MB; before / after prepare) | \
-{base['tokens_per_s']:,.0f} ({before['tokens_per_s']:,.0f} / {after['tokens_per_s']:,.0f}) | \
-{base['seconds']:.0f} s | — |
+| `tokenizers` `encode_batch`, one process, one thread, on the first {base['bytes'] / 1e6:.0f} MB of the corpus \
+(before / after prepare) | {base['tokens_per_s']:,.0f} ({before['tokens_per_s']:,.0f} / \
+{after['tokens_per_s']:,.0f}) | {base['seconds']:.0f} s ({ours['tokens'] / base['tokens_per_s'] / 60:,.0f} min \
+for the whole corpus at this rate) | — |
 | `raygpt prepare`, Ray Data, {WORKERS} actors (names pass + tokenise + write) | {ours['tokens_per_s']:,.0f} \
-| {ours['seconds']:.0f} s | {ours['peak_gib']:.2f} GiB (idle tree {ours['idle_gib']:.2f} GiB: \
+| {ours['seconds'] / 60:,.1f} min | {ours['peak_gib']:.2f} GiB (idle tree {ours['idle_gib']:.2f} GiB: \
 **{ours['growth_gib']:+.2f} GiB**; goal ≤ +2 GiB) |
 
 Ratio: **{speed:.2f}×** the single-threaded baseline (mean of the runs before and after) with {WORKERS} actors on
 {os.cpu_count()} cores; the machine is shared, so the ratio moves with the load of the moment.
-Largest processes at the RSS peak: {ours['breakdown']}.
+Peak tree RSS in each quarter of the prepare run (GiB): {quarters} (second half's peak
+{max(ours['quarters'][2:]) - max(ours['quarters'][:2]):+.2f} GiB from the first half's).
+Largest processes at the RSS peak: {ours['breakdown']}. (Object-store pages count once per process that maps
+them, so the tree RSS overstates real use.)
 {extrapolated}
 `raygpt pretrain`, {STEPS} steps, `{PRESET}` preset, {SEQ}-token sequences × {MBS}, 1 worker: peak tree RSS
 {small:.2f} GiB on Shakespeare (1.2M tokens), {big:.2f} GiB on the generated dataset ({ours['tokens'] / 1e6:,.0f}M
 tokens): **{(big - small) * 1024:+.0f} MB** (goal ≤ +300 MB).
 """)
+    if not os.environ.get("RAYGPT_BENCH_KEEP"):  # gigabytes of scratch: regenerated (minutes) by the next run
+        shutil.rmtree(corpus, ignore_errors=True)
+        shutil.rmtree(dataset, ignore_errors=True)
 
 
 if __name__ == "__main__":
