@@ -16,12 +16,17 @@ Life of a rollout (jobs/ppo.py):
 
 Object-store transfer: tensors are stored as NumPy arrays when pickled (`__reduce__`), which Ray's object store
 reads back zero-copy, instead of torch's pickled tensor bytes (~3× slower on both ends; docs/ARCHITECTURE.md).
+A rollout read from the store is not copied: its fields are `ReadOnlyTensor`s over the store's shared memory,
+which every reader of the object maps. Reading ops give ordinary tensors (or, for views, read-only ones); an
+in-place write raises, so a consumer that needs to write takes a copy first (`.clone()`) — the shared bytes can
+never change under another reader.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +43,68 @@ TENSOR_FIELDS = ("prompt_ids", "prompt_mask", "response_ids", "action_mask", "ol
 
 class RolloutError(ValueError):
     """A rollout is malformed (shape/dtype mismatch, stale weights, …); the message names the field."""
+
+
+# In-place methods that change flags, not bytes: allowed on shared memory.
+_FLAG_METHODS = frozenset({"requires_grad_", "retain_grad", "share_memory_"})
+_INPLACE_OPERATORS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                                "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                                "__irshift__", "__imatmul__"})
+
+
+class ReadOnlyTensor(torch.Tensor):
+    """A tensor over memory nobody may write: an array of a Ray object, mapped from the object store's shared memory
+    (every process that reads the object sees these same bytes; torch has no read-only flag of its own).
+
+    Any in-place op on it (`add_`, `x[i] = …`, `+=`, `out=`) raises RolloutError; ops that read return ordinary
+    tensors in new memory, except views of it (`x[0]`, `x.view(…)`, a no-op `.to`), which stay read-only; `.numpy()`
+    gives a read-only array. Copy (`.clone()`) to write. The check is a Python hook per torch call (~µs): rollouts
+    go through a few hundred calls per update, not per element."""
+
+    @classmethod
+    def __torch_function__(cls, func: Callable[..., Any], types: Any, args: Sequence[Any] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        targets = kwargs.get("out")
+        if targets is None and args and (name in _INPLACE_OPERATORS or
+                                         (name.endswith("_") and not name.startswith("_") and
+                                          name not in _FLAG_METHODS)):
+            targets = args[0]
+        for t in targets if isinstance(targets, (tuple, list)) else (targets,):
+            if isinstance(t, ReadOnlyTensor):
+                raise RolloutError(f"{name}: writes into a rollout tensor that lives in the object store's shared "
+                                   f"memory (read-only; take a .clone() to write)")
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+            shared = {_storage(a) for a in (*args, *kwargs.values()) if isinstance(a, ReadOnlyTensor)}
+            return _keep_read_only(out, shared - {None})
+
+
+def _storage(t: Tensor) -> int | None:
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, sparse)
+        return None
+
+
+def _keep_read_only(out: Any, shared: set[int]) -> Any:
+    """Outputs that alias a read-only input (views) stay read-only; everything else is returned as it is."""
+    if isinstance(out, Tensor):
+        return out.as_subclass(ReadOnlyTensor) if shared and _storage(out) in shared else out
+    if isinstance(out, np.ndarray) and shared and out.base is not None:  # .numpy(): a view of the same memory
+        out.flags.writeable = False
+        return out
+    if isinstance(out, (tuple, list)) and shared:
+        return type(out)(_keep_read_only(o, shared) for o in out)
+    return out
+
+
+def read_only(array: np.ndarray) -> ReadOnlyTensor:
+    """The array as a tensor over the same memory (no copy), writes refused (see ReadOnlyTensor)."""
+    with warnings.catch_warnings():  # torch warns that a non-writable array makes an unsafe tensor: that is
+        warnings.simplefilter("ignore", UserWarning)  # what ReadOnlyTensor makes safe
+        return torch.from_numpy(array).as_subclass(ReadOnlyTensor)
 
 
 @dataclass
@@ -162,9 +229,8 @@ class Rollout:
 
 def _rebuild(arrays: dict[str, np.ndarray], version: int, checksum: str, engine: str = "native",
              exact_logprobs: bool = True) -> Rollout:
-    # Arrays from the object store are read-only views of shared memory; torch needs writable memory, so copy
-    # once here (one memcpy, still far cheaper than unpickling tensor bytes).
-    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
+    # Arrays from the object store are read-only views of its shared memory: wrapped, not copied (zero-copy read).
+    tensors = {k: read_only(v) for k, v in arrays.items()}
     return Rollout(**tensors, weight_version=version, weight_checksum=checksum, engine=engine,
                    exact_logprobs=exact_logprobs)
 

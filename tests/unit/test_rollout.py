@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -18,7 +19,7 @@ from torch.testing import assert_close
 from actors.base import sample_rollout, weights_checksum
 from actors.policy import WeightsInfo
 from actors.reward import decode_rollout
-from actors.rollout import Rollout, RolloutError, finalize
+from actors.rollout import TENSOR_FIELDS, ReadOnlyTensor, Rollout, RolloutError, finalize
 from jobs.rl.controller import StaleWeightsError, check_weights, prompt_order
 from models.config import GPTConfig
 from models.generation import SamplingParams
@@ -82,7 +83,7 @@ def test_validate_names_the_bad_field() -> None:
         r.replace(scores=torch.zeros(2)).validate()
 
 
-def test_pickle_round_trip_goes_through_numpy_and_stays_writable() -> None:
+def test_pickle_round_trip_goes_through_numpy_and_reads_zero_copy() -> None:
     r = random_rollout(3)
     r = r.replace(scores=torch.randn(r.batch_size))
     reduced = r.__reduce__()[1][0]
@@ -90,7 +91,34 @@ def test_pickle_round_trip_goes_through_numpy_and_stays_writable() -> None:
     back = pickle.loads(pickle.dumps(r))
     assert torch.equal(back.response_ids, r.response_ids) and torch.equal(back.scores, r.scores)
     assert back.ref_logprobs is None and back.weight_checksum == "abc"
-    back.old_logprobs.add_(1.0)  # writable: the actors train on it in place-free code, but must be able to
+    # What Ray does: protocol 5, the arrays' bytes out of band, handed back as read-only buffers of the store's
+    # shared memory. The rebuilt tensors must point INTO those buffers (no copy) ...
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(r, protocol=5, buffer_callback=buffers.append)
+    store = [bytearray(b.raw()) for b in buffers]
+    shared = pickle.loads(data, buffers=[memoryview(m).toreadonly() for m in store])
+    addresses = {np.frombuffer(m, dtype=np.uint8).ctypes.data for m in store}
+    for name in TENSOR_FIELDS:
+        if getattr(r, name) is not None:
+            assert getattr(shared, name).data_ptr() in addresses, name
+            assert torch.equal(getattr(shared, name), getattr(r, name)), name
+    # ... and no write may reach them: in-place ops, item assignment, writes through a view and out= all raise.
+    lp = shared.old_logprobs
+    before = bytes(store[0]), bytes(store[-1])
+    for write in (lambda: lp.add_(1.0), lambda: lp.__setitem__((0, 0), 5.0), lambda: lp[0].fill_(0.0),
+                  lambda: torch.mul(lp, 2.0, out=lp), lambda: shared.scores.__iadd__(1.0),
+                  lambda: lp.view(-1).zero_()):
+        with pytest.raises(RolloutError, match="read-only"):
+            write()
+    assert not lp.numpy().flags.writeable
+    assert (bytes(store[0]), bytes(store[-1])) == before
+    # Reading ops give ordinary tensors in new memory, which a consumer may write; so does a copy.
+    doubled, copy = lp * 2, lp.clone()
+    assert type(doubled) is torch.Tensor and type(copy) is torch.Tensor
+    copy.add_(1.0)
+    assert_close(copy, r.old_logprobs + 1.0)
+    assert type(shared.select([0, 1]).old_logprobs) is torch.Tensor
+    assert isinstance(lp[0], ReadOnlyTensor) and isinstance(lp.to("cpu"), ReadOnlyTensor)  # views stay protected
 
 
 def naive_finalize(r: Rollout, ref: torch.Tensor, scores: torch.Tensor, values: torch.Tensor, beta: float,
