@@ -150,22 +150,22 @@ def plot_overoptimisation(rows: list[dict[str, Any]], final: dict[str, Any] | No
     train = [r for r in rows if r.get("kl") is not None and r.get("iteration") is not None]
     held = [r for r in rows if r.get("heldout_kl") is not None]
     ax_p = ax.twinx()
-    sq = [max(r["kl"], 0.0) ** 0.5 for r in train]
-    if train:
-        ax.plot(sq, [r.get("gold_reward") for r in train], "-", color="tab:blue", alpha=0.6,
-                label="gold, training rollouts")
-        ax_p.plot(sq, [r["proxy_reward"] for r in train], "-", color="tab:orange", alpha=0.6,
-                  label="proxy, training rollouts")
+    if train:  # one batch is noisy: running means over 5 iterations, in iteration order
+        sq = [max(v, 0.0) ** 0.5 for v in _running_mean([r["kl"] for r in train])]
+        gold = [r.get("gold_reward") for r in train]
+        if all(g is not None for g in gold):
+            ax.plot(sq, _running_mean(gold), "-", color="tab:blue", alpha=0.6, label="gold, training (mean of 5)")
+        ax_p.plot(sq, _running_mean([r["proxy_reward"] for r in train]), "-", color="tab:orange", alpha=0.6,
+                  label="proxy, training (mean of 5)")
     hk = [max(r["heldout_kl"], 0.0) ** 0.5 for r in held]
     if held:
         ax.plot(hk, [r.get("heldout_gold") for r in held], "o", color="tab:blue", label="gold, held-out")
         ax_p.plot(hk, [r.get("heldout_proxy") for r in held], "s", color="tab:orange", label="proxy, held-out")
     if final and final.get(f"{label}/kl") is not None:
         x = max(final[f"{label}/kl"], 0.0) ** 0.5
-        if final.get(f"{label}/gold") is not None:
-            ax.plot([x], [final[f"{label}/gold"]], "*", ms=14, color="tab:blue", label="gold, final evaluation")
-        if final.get(f"{label}/proxy") is not None:
-            ax_p.plot([x], [final[f"{label}/proxy"]], "*", ms=14, color="tab:orange", label="proxy, final")
+        for axis, key, colour in ((ax, "gold", "tab:blue"), (ax_p, "proxy", "tab:orange")):
+            if final.get(f"{label}/{key}") is not None:
+                axis.plot([x], [final[f"{label}/{key}"]], "*", ms=14, color=colour, label=f"{key}, final evaluation")
     ax.set(title="Gold and proxy reward vs √KL (Gao et al. 2022)", xlabel="√KL(policy ‖ SFT), √nats per response",
            ylabel="gold score (labeler)")
     ax_p.set_ylabel("proxy score (reward model)")
@@ -188,6 +188,10 @@ def plot_overoptimisation(rows: list[dict[str, Any]], final: dict[str, Any] | No
     ax_d.set(title="Diversity over training", xlabel="iteration", ylabel="fraction", ylim=(0, 1.02))
     ax_d.legend(loc="lower left", fontsize=8)
     return save_figure(fig, path)
+
+
+def _running_mean(values: list[float], window: int = 5) -> list[float]:
+    return [sum(w) / len(w) for w in (values[max(0, i - window + 1):i + 1] for i in range(len(values)))]
 
 
 def plot_gold_vs_kl(root: Path, ev: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
@@ -276,8 +280,7 @@ def write_report(root: Path, cfg: Any, state: dict[str, Any], wall_seconds: floa
     max_kl = getattr(cfg, "goal_max_kl", None)
     kl_ok = max_kl is None or (ev.get("ppo/kl") is not None and ev["ppo/kl"] <= max_kl)
     # issue 17: the win must not come from gaming the reward model — KL within budget, no less diverse than SFT
-    diverse = ev.get("ppo/distinct2") is not None and ev.get("sft/distinct2") is not None \
-        and ev["ppo/distinct2"] >= ev["sft/distinct2"]
+    diverse = (ev.get("ppo/distinct2") or 0.0) >= (ev.get("sft/distinct2") or 2.0)  # a missing value fails
     met = win >= goal and kl_ok and (max_kl is None or diverse)
     verdict = "met" if met else "NOT met"
     goal_text = f"≥ {fmt(goal, True)}" + (f" at KL ≤ {max_kl:g} nats with distinct-2 ≥ SFT's" if max_kl else "")

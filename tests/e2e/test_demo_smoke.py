@@ -36,7 +36,7 @@ def test_demo_runs_every_stage_and_reports(demo):
     assert [s for s in STAGES if state.get(s, {}).get("status") == "done"] == STAGES
     report = (root / "report.md").read_text()
     assert "win rate of PPO over SFT" in report
-    for png in ("lm_loss.png", "rm_accuracy.png", "ppo.png"):
+    for png in ("lm_loss.png", "rm_accuracy.png", "ppo.png", "overoptimisation.png"):
         data = (root / png).read_bytes()
         assert data[:8] == PNG and len(data) > 10_000, png
         assert f"]({png})" in report
@@ -51,6 +51,9 @@ def test_demo_artifacts_are_real(demo):
     for lm in ("pretrain", "sft", "ppo"):
         GPT2LMHeadModel.from_pretrained(root / lm / "checkpoint")
         assert (root / lm / "metrics.jsonl").stat().st_size > 0
+    # monitor.every=1: the policy after iteration 1 evaluated on held-out prompts during training (issue 17)
+    held = [r for r in map(json.loads, (root / "ppo" / "metrics.jsonl").read_text().splitlines()) if "heldout_kl" in r]
+    assert [r["heldout_iteration"] for r in held] == [1] and 0.0 <= held[0]["heldout_distinct2"] <= 1.0
     GPT2ForSequenceClassification.from_pretrained(root / "rm" / "checkpoint")
     served = json.loads((root / "serve.json").read_text())
     assert served["completion"] and served["usage"]["completion_tokens"] >= 1
