@@ -45,6 +45,7 @@ from cluster.train.engine import (
     lm_loss_fn,
     measure_peak_flops,
     perplexity,
+    seq2seq_loss_fn,
 )
 from jobs.cli import JobSpec
 from jobs.config import ConfigError, field
@@ -57,7 +58,7 @@ from models.checkpoint import CheckpointError, load_checkpoint, read_config
 from models.config import ModelConfigError, arch_of, config_class
 from models.elmo import bilm_loss
 from models.registry import T5_SENTINELS, build_model, check_parallel, load_model, model_vocab_size
-from models.span_corruption import sentinel_ids, seq2seq_loss, span_corruption_batch
+from models.span_corruption import sentinel_ids, span_corruption_batch
 from models.tokenizer import Tokenizer
 
 NOISE_DENSITY, MEAN_SPAN = 0.15, 3.0  # T5 §3.1.4 / §3.3.4: 15 % of tokens dropped in spans of mean length 3
@@ -324,7 +325,7 @@ class Objective:
         self.arch, self.mcfg, self.seq, self.rows = arch, mcfg, seq, rows
         self.data_seed, self.dp_rank, self.dp_size = data_seed, dp_rank, dp_size
         self.tokens = rows * seq  # tokens of text this rank trains on per step
-        self.loss_fn = {"gpt": lm_loss_fn, "t5": t5_loss_fn, "elmo": elmo_loss_fn}[arch]
+        self.loss_fn = {"gpt": lm_loss_fn, "t5": seq2seq_loss_fn, "elmo": elmo_loss_fn}[arch]
 
     def batch(self, block: Any, step: int) -> dict[str, Any]:
         if self.arch == "gpt":
@@ -346,12 +347,6 @@ def t5_seed(data_seed: int, step: int, dp_rank: int, dp_size: int, rows: int) ->
     keeps only the low 32 bits of a seed, so seeds are laid out mod 2**32: row (step, rank, i) of one run gets
     (step·dp_size + rank)·rows + i, distinct until 2**32 rows have been corrupted; data.seed shifts the sequence."""
     return (data_seed * 0x9E3779B1 + (step * dp_size + dp_rank) * rows) % (1 << 32)
-
-
-def t5_loss_fn(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Seq2seq cross-entropy over the span-corruption targets (every target token, sentinels and EOS included)."""
-    logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
-    return seq2seq_loss(logits, batch["labels"], batch["labels_mask"]), {}
 
 
 def elmo_loss_fn(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -33,9 +33,10 @@ Worker side (`train_loop(loop_config)`, runs on every rank):
 Loss functions. `loss_fn(model, micro_batch) -> (loss, metrics)` where `model` is callable like the wrapped
 module (it is the DeepSpeed engine) and `micro_batch` a dict of tensors already on the device; metrics are 0-d
 tensors, averaged over micro-batches and data-parallel ranks. `lm_loss_fn` is the LM objective for batches
-{"input_ids", "targets", optional "loss_mask"} (pretraining and SFT). Pipeline parallelism runs only the LM
-objective on GPT models: DeepSpeed's PipelineModule owns the forward pass, so the engine feeds it
-(input_ids, (targets, loss_mask)) and computes `models.losses.lm_loss` on the last stage.
+{"input_ids", "targets", optional "loss_mask"} (pretraining and SFT); `seq2seq_loss_fn` is T5's (span corruption
+and text-to-text SFT). Pipeline parallelism runs only the LM objective on GPT models: DeepSpeed's PipelineModule
+owns the forward pass, so the engine feeds it (input_ids, (targets, loss_mask)) and computes
+`models.losses.lm_loss` on the last stage.
 
 Exact resume. A checkpoint holds the DeepSpeed state (weights, optimizer, LR schedule), each rank's RNG state
 and `trainer_state.json` (step, tokens, samples, the job's `extra` dict, the topology). Jobs derive the data
@@ -76,8 +77,8 @@ from models.files import write_json
 
 # The job modules import the whole training API from here: the config sections are re-exported.
 __all__ = ["OptimConfig", "ParallelConfig", "FineTuneParallelConfig", "CheckpointConfig", "FailureConfig",
-           "WorkerContext", "init_worker", "TrainState", "TrainEngine", "build_engine", "lm_loss_fn", "launch",
-           "flops_per_token", "measure_peak_flops", "perplexity"]
+           "WorkerContext", "init_worker", "TrainState", "TrainEngine", "build_engine", "lm_loss_fn",
+           "seq2seq_loss_fn", "launch", "flops_per_token", "measure_peak_flops", "perplexity"]
 
 Batch = dict[str, Tensor]
 LossFn = Callable[[Any, Batch], tuple[Tensor, dict[str, Tensor]]]
@@ -167,6 +168,16 @@ def lm_loss_fn(model: Any, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
     from models.losses import lm_loss
 
     return lm_loss(model(batch["input_ids"]), batch["targets"], batch.get("loss_mask")), {}
+
+
+def seq2seq_loss_fn(model: Any, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+    """The encoder-decoder (T5) objective, for span corruption and text-to-text fine-tuning alike: batch
+    {"input_ids", "attention_mask" (B, S), "decoder_input_ids", "labels", "labels_mask" (B, T)} → token-mean
+    cross-entropy over the target tokens (`models.span_corruption.seq2seq_loss`)."""
+    from models.span_corruption import seq2seq_loss
+
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
+    return seq2seq_loss(logits, batch["labels"], batch["labels_mask"]), {}
 
 
 def _pipe_lm_loss(logits: Tensor, labels: Tensor | tuple[Tensor, ...]) -> Tensor:
