@@ -104,7 +104,8 @@ def shift_right(labels: Tensor, decoder_start_token_id: int) -> Tensor:
     return torch.cat([start, labels[:, :-1]], 1)
 
 
-def _right_pad(rows: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+def right_pad(rows: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    """1-D rows → (ids (B, max len) padded with pad_id on the right, mask (B, max len) 1 = real)."""
     width = max(int(r.numel()) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -121,8 +122,8 @@ def collate(pairs: Sequence[tuple[Tensor, Tensor]], pad_id: int, decoder_start_t
     for i, (inp, tgt) in enumerate(pairs):
         if inp.numel() == 0 or tgt.numel() == 0:
             raise ValueError(f"pairs[{i}]: empty input or target")
-    input_ids, attention_mask = _right_pad([p[0] for p in pairs], pad_id)
-    labels, labels_mask = _right_pad([p[1] for p in pairs], pad_id)
+    input_ids, attention_mask = right_pad([p[0] for p in pairs], pad_id)
+    labels, labels_mask = right_pad([p[1] for p in pairs], pad_id)
     return Seq2SeqBatch(input_ids, attention_mask, shift_right(labels, decoder_start_token_id), labels, labels_mask)
 
 
@@ -145,10 +146,22 @@ def text_to_text_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], 
     for i, (src, tgt) in enumerate(examples):
         if len(tgt) == 0:
             raise ValueError(f"examples[{i}]: empty target")
-        inp = (list(prefix) + list(src))[:max_input_len - 1] + [eos_id]
         out = list(tgt)[:max_target_len - 1] + [eos_id]
-        pairs.append((torch.tensor(inp, dtype=torch.long), torch.tensor(out, dtype=torch.long)))
+        pairs.append((torch.tensor(text_to_text_input(src, prefix, eos_id, max_input_len), dtype=torch.long),
+                      torch.tensor(out, dtype=torch.long)))
     return collate(pairs, pad_id, decoder_start_token_id)
+
+
+def text_to_text_input(source: Sequence[int], prefix: Sequence[int], eos_id: int,
+                       max_input_len: int | None = None) -> list[int]:
+    """The encoder input of one text-to-text example (§2.4): task prefix + source, cut to max_input_len − 1
+    tokens, then EOS — the one rule for training batches and for generation."""
+    ids = list(prefix) + list(source)
+    if max_input_len is not None:
+        if max_input_len < 2:
+            raise ValueError(f"max_input_len: need room for a token and EOS, got {max_input_len}")
+        ids = ids[:max_input_len - 1]
+    return ids + [eos_id]
 
 
 def seq2seq_loss(logits: Tensor, labels: Tensor, labels_mask: Tensor) -> Tensor:

@@ -5,16 +5,19 @@ step) and appends one self-attention key/value per step (`models.t5.T5Cache`), s
 of re-running the decoder over the whole prefix. Sampling (temperature, top-k, top-p, per-row seeds, log-probs)
 is `models.generation.sample_next`, the project's one sampling rule (counter-based per-row draws: row i's token at
 step t depends only on its seed, t and its logits). Rows stop at EOS; later steps are padding.
+`text_to_text_generate` answers token sources in the fine-tuned text-to-text format (task prefix + source + EOS).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from models.generation import SamplingParams, Seeds, row_seeds, sample_next
+from models.span_corruption import right_pad, text_to_text_input
 from models.t5 import T5
 
 
@@ -63,3 +66,18 @@ def t5_generate(model: T5, input_ids: Tensor, attention_mask: Tensor | None, par
         response_mask=torch.stack(active_out, 1).long().cpu(),
         logprobs=torch.stack(logp_out, 1).cpu(),
     )
+
+
+def text_to_text_generate(model: T5, sources: Sequence[Sequence[int]], prefix: Sequence[int], params: SamplingParams,
+                          *, eos_id: int | None = None, seeds: Seeds = None,
+                          max_input_len: int | None = None) -> Seq2SeqGeneration:
+    """Responses of a text-to-text T5 (§2.4) to token `sources`: the encoder reads task prefix + source + EOS
+    (`models.span_corruption.text_to_text_input`, the rule the fine-tuning batches use), right-padded; the decoder
+    samples from `decoder_start_token_id`. Row i is seeded like `t5_generate`'s."""
+    if not sources:
+        raise ValueError("sources: empty batch")
+    cfg = model.config
+    eos = cfg.eos_token_id if eos_id is None else eos_id
+    rows = [torch.tensor(text_to_text_input(s, prefix, eos, max_input_len), dtype=torch.long) for s in sources]
+    ids, mask = right_pad(rows, cfg.pad_token_id)
+    return t5_generate(model, ids, mask, params, eos_id=eos, seeds=seeds)

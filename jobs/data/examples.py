@@ -1,7 +1,8 @@
 """Tokenised training examples of the human-feedback stages, and the order they are read in.
 
 - SFT demonstrations: (prompt ids, response ids + EOS) → right-padded LM batches with a response-only loss mask;
-  conversations (user `messages` data) → `ChatExample` (ids, per-token mask): the loss covers assistant turns only.
+  conversations (user `messages` data) → `ChatExample` (ids, per-token mask): the loss covers assistant turns only;
+  for a T5, the same (prompt, response) pairs → text-to-text encoder-decoder batches (`text_to_text_sft_batch`).
 - K-wise comparisons: K sequences prompt + response_j + EOS and the ranking → (B, K, T) reward-model batches.
 Pure functions, testable without Ray.
 """
@@ -16,9 +17,9 @@ import torch
 
 from actors.reward import close_response
 from jobs.data.tasks import Comparison, Demonstration
-from models.chat import encode_chat
-from models.seeding import stream_slice
 from jobs.data.tasks.user_data import read_preferences
+from models.chat import encode_chat
+from models.span_corruption import text_to_text_batch
 
 Example = tuple[list[int], list[int]]  # (prompt ids, response ids ending with EOS)
 
@@ -101,6 +102,30 @@ def sft_batch(examples: Sequence[Example | ChatExample], pad_id: int, width: int
         mask[i, :len(s) - 1] = torch.tensor(m[1:], dtype=torch.long)
     return {"input_ids": ids[:, :-1].contiguous(), "targets": ids[:, 1:].contiguous(), "loss_mask": mask}
 
+
+
+def text_to_text_sft_batch(examples: Sequence[Example | ChatExample], prefix: Sequence[int], eos_id: int,
+                           pad_id: int, decoder_start_token_id: int) -> dict[str, Any]:
+    """The same demonstrations as a T5 text-to-text batch (T5 §2.4): encoder input = task prefix + prompt + EOS,
+    target = response + EOS (`models.span_corruption.text_to_text_batch`; the loss counts every target token).
+    Returns {"input_ids", "attention_mask"} (B, S) and {"decoder_input_ids", "labels", "labels_mask"} (B, T).
+    A conversation has no single source and target: ValueError naming the row."""
+    if not examples:
+        raise ValueError("examples: empty batch")
+    pairs = []
+    for i, e in enumerate(examples):
+        if isinstance(e, ChatExample):
+            raise ValueError(f"examples[{i}]: a conversation (messages) has no text-to-text form; T5 fine-tunes "
+                             "on (prompt, response) demonstrations")
+        p, r = e
+        if not p or len(r) < 2 or r[-1] != eos_id:
+            raise ValueError(f"examples[{i}]: need a prompt and a response of at least one token ending with EOS")
+        pairs.append((p, r[:-1]))  # text_to_text_batch appends the EOS itself
+    width = max(len(prefix) + len(p) for p, _ in pairs) + 1
+    b = text_to_text_batch(pairs, prefix, eos_id, pad_id, decoder_start_token_id, max_input_len=width,
+                           max_target_len=max(len(r) for _, r in pairs) + 1)
+    return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "decoder_input_ids": b.decoder_input_ids,
+            "labels": b.labels, "labels_mask": b.labels_mask}
 
 
 def rank_slice(indices: list[int], rank: int, rows_per_rank: int) -> list[int]:
