@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.base import RolloutMeta, ScoreMeta
 from actors.groups import PolicyGroup, PromptShard, ReferenceGroup, RewardGroup, RolloutGroup, ValueGroup
 from actors.policy import UpdateResult, WeightsInfo, n_steps
-from actors.reward import decode_rollout
-from actors.rollout import Rollout, finalize
+from actors.rollout import finalize
 from cluster.faults import ActorFault
 from cluster.metrics import MetricsWriter, read_metrics
 from cluster.placement import create_pools, remove_pools
@@ -48,6 +48,7 @@ from cluster.runtime import init_ray, is_embedded
 from jobs.config import ConfigError, to_dict
 from jobs.rl.config import PPOJobConfig, RoleSpecs, abspath, parse_fault, role_specs
 from jobs.rl.final import export_policy, heldout_eval, write_report
+from jobs.rl.gold import gold_score
 from jobs.rl.inputs import PromptSet, check_checkpoints, gold_function, load_tokenizer, ptx_dataset
 from jobs.rl.monitor import Monitor
 from jobs.runs import start_run
@@ -422,16 +423,13 @@ class Controller:
     def update(self, it: int, batch: Batch, rollouts: list[Any]) -> dict[str, float]:
         ptx = self._ptx_shards(it)
         self.gold_reward: float | None = None
+        # Gold score: a task on the rollout refs (jobs/rl/gold.py) while the trainers work; only its float comes back.
+        gold_ref = None if self.gold is None else ray.remote(gold_score).options(num_cpus=0, max_retries=2).remote(
+            self.cfg, *rollouts)
 
-        def gold() -> None:  # scored on the controller while the trainers work
-            if self.gold is not None:
-
-
-                parts: list[Rollout] = ray.get(rollouts, timeout=self.cfg.fault.stage_timeout_s)
-                texts = [decode_rollout(r, self.tok.decode, self.tok.eos_id) for r in parts]
-                prompts = [p for t in texts for p in t[0]]
-                responses = [r for t in texts for r in t[1]]
-                self.gold_reward = float(np.mean(self.gold(prompts, responses)))
+        def gold() -> None:
+            if gold_ref is not None:
+                self.gold_reward = float(ray.get(gold_ref, timeout=self.cfg.fault.stage_timeout_s))
 
         # β of a KL loss term (GRPO): the same controller's β that KL-in-reward algorithms put in the reward.
         kl_coef = self.kl.beta if self.cfg.kl_in_loss else 0.0
@@ -494,8 +492,11 @@ class Controller:
     def finish(self) -> dict[str, Any]:
         """Export the final policy as an HF checkpoint, evaluate on held-out prompts, write the report."""
 
-        checkpoint = export_policy(self.policy.get(self.policy.weights()), self.cfg, self.run_dir / "checkpoint",
-                                   self.tokenizer_path)
+        # A task on the weights ref, on this node (the run directory's): the weights never pass through the driver.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        export = ray.remote(export_policy).options(num_cpus=0, scheduling_strategy=here, max_retries=1)
+        checkpoint = ray.get(export.remote(self.policy.weights(), self.cfg, self.run_dir / "checkpoint",
+                                           self.tokenizer_path), timeout=self.cfg.fault.stage_timeout_s)
         summary: dict[str, Any] = {"checkpoint": str(checkpoint), "iterations": self.cfg.iterations,
                                    "recoveries": self.recoveries, "startup_s": round(self.timings.get("startup", 0), 2)}
         summary.update(self.monitor.summary())  # waits for evaluations still running; stopped_at, stop_reason
