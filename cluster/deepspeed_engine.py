@@ -202,6 +202,11 @@ def initialize(model: nn.Module, spec: EngineSpec, *, dp_size: int | None = None
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, mpu=mpu, dist_init_required=False,
         config=ds_config(spec, dp_size or dist.get_world_size(), bf16, load_universal))
+    if engine.dp_world_size == 1 and spec.zero_stage == 0 and mpu is None:
+        # One data-parallel rank: DeepSpeed would still flatten every gradient into a bucket, all-reduce it with
+        # itself, divide by 1 and copy it back after each backward — identical gradients at the cost of two
+        # copies per step (benchmarks/ppo.py: the PPO trainers are single-rank by default).
+        engine.enable_backward_allreduce = False
     return engine
 
 
