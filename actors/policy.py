@@ -104,6 +104,7 @@ class PolicyWorker(DistributedWorker):
         self.spec, self.rank, self.world_size = spec, rank, world_size
         self.engine: Any = None
         self.version = 0
+        self.info: WeightsInfo | None = None  # the last weights_info: valid until the weights change
 
     # --- life cycle -------------------------------------------------------------------------------------------
     def setup(self, snapshot: tuple[str, str] | None = None) -> WeightsInfo:
@@ -120,8 +121,10 @@ class PolicyWorker(DistributedWorker):
         save_engine(self.engine, directory, tag, {"version": self.version})
 
     def weights_info(self) -> WeightsInfo:
-        """Collective under ZeRO/bf16: version and checksum of the current weights."""
-        return WeightsInfo(self.version, weights_checksum(full_state_dict(self.engine)))
+        """Collective under ZeRO/bf16: version and checksum of the current weights (kept for `generate`: setup and
+        update end with this call, and nothing else changes the weights)."""
+        self.info = WeightsInfo(self.version, weights_checksum(full_state_dict(self.engine)))
+        return self.info
 
     def weights(self) -> WeightsMessage | None:
         """Collective: the full weights for rollout workers / HF export, on rank 0 (None elsewhere)."""
@@ -140,7 +143,10 @@ class PolicyWorker(DistributedWorker):
             raise RolloutError("policy.zero_stage: 3 partitions the weights; sample with rollout workers instead")
         model = self.engine.module
         model.eval()
-        checksum = weights_checksum(full_state_dict(self.engine))
+        # The checksum of these weights is known since setup/update returned (hashing them again cost ~20 ms of
+        # every iteration); computed afresh only if no weights_info followed the last change.
+        info = self.info if self.info is not None and self.info.version == self.version else self.weights_info()
+        checksum = info.checksum
         rollout = sample_rollout(model, prompts, row_index, seeds, self.spec.sampling, self.spec.eos_id, self.version,
                                  checksum, n=n)
         return meta_of(rollout), rollout
@@ -154,6 +160,7 @@ class PolicyWorker(DistributedWorker):
         reward instead).
         """
         spec, eng, dev = self.spec.update, self.engine, device()
+        self.info = None  # the weights are about to change
         if rollout.advantages is None:
             raise RolloutError("advantages: the rollout has not been finalized")
         steps = n_steps(rollout.batch_size, spec)
