@@ -15,7 +15,8 @@ from actors.reference import ReferenceSpec, ReferenceWorker
 from actors.reward import RewardSpec, RewardWorker
 from actors.rollout_worker import RolloutWorker, RolloutWorkerSpec
 from actors.value import ValueSpec, ValueWorker
-from cluster.placement import PlacementSpec
+from cluster.elastic import ElasticGroup
+from cluster.placement import ElasticRole, PlacementSpec
 from cluster.worker_group import WorkerGroup
 
 Ref = Any  # ray.ObjectRef
@@ -61,17 +62,50 @@ class PolicyGroup(WorkerGroup[PolicyWorker]):
         return [a.weights_info.remote() for a in self.actors]
 
 
-class RolloutGroup(WorkerGroup[RolloutWorker]):
-    def __init__(self, spec: RolloutWorkerSpec, placement: PlacementSpec, pools: dict[str, Any], **kw: Any) -> None:
-        super().__init__("rollout", RolloutWorker, spec, placement, pools, distributed=False, **kw)
+class RolloutGroup(ElasticGroup[RolloutWorker]):
+    """The rollout workers: an elastic pool (cluster/elastic.py). Shards outnumber workers when fewer than the
+    maximum are alive: a worker then samples several shards, one call each, so every shard is the same call with
+    the same padding whoever runs it."""
 
-    def load_weights(self, message: Ref) -> list[Ref]:
-        """Broadcast one weights object to every replica (each reads it from the object store)."""
-        return [a.load_weights.remote(message) for a in self.actors]
+    def __init__(self, spec: RolloutWorkerSpec, placement: ElasticRole, **kw: Any) -> None:
+        super().__init__("rollout", RolloutWorker, spec, placement, **kw)
+        self._calls: list[tuple[Any, Ref, Ref]] = []  # the last generate: (worker, meta_ref, rollout_ref) per shard
+        self._unchecked: list[tuple[Any, Ref]] = []  # every generate call not yet seen to succeed: (worker, meta)
 
-    def generate(self, shards: Sequence[PromptShard]) -> list[tuple[Ref, Ref]]:
-        return [tuple(a.generate.options(num_returns=2).remote(s.prompts, s.row_index, s.seeds, s.n))
-                for a, s in self.assign(shards)]
+    def load_weights(self, message: Ref, actors: Sequence[Any] | None = None) -> list[tuple[Any, Ref]]:
+        """Send one weights object to these workers (default: every member; each reads it from the object
+        store): [(worker, ref of its (version, checksum))]."""
+        return [(a, a.load_weights.remote(message)) for a in (self.actors if actors is None else actors)]
+
+    def generate(self, shards: Sequence[PromptShard], retry: bool = False) -> list[tuple[Ref, Ref]]:
+        """[(meta_ref, rollout_ref)] per shard; shard i goes to member i mod n. `retry` (after `drop(lost())`):
+        a shard whose worker is still a member keeps its call — it finishes there —, the shards of the lost
+        workers are spread over the members."""
+        members = self.actors
+        if not members:
+            raise RuntimeError("rollout: no rollout worker is alive (reconcile first)")
+        kept = set(members) if retry else set()
+        calls, k = [], 0
+        for i, s in enumerate(shards):
+            if retry and self._calls[i][0] in kept:
+                calls.append(self._calls[i])
+                continue
+            a = members[k % len(members)]
+            k += 1
+            meta, rollout = a.generate.options(num_returns=2).remote(s.prompts, s.row_index, s.seeds, s.n)
+            calls.append((a, meta, rollout))
+            self._unchecked.append((a, meta))
+        self._calls = calls
+        return [(m, r) for _, m, r in calls]
+
+    def lost_in_generate(self, hung: bool) -> list[Any]:
+        """The workers that generate calls lost (see `ElasticGroup.lost`) — any call since the last check, so
+        generations submitted ahead (max_staleness >= 1) count too."""
+        import ray
+
+        lost = self.lost(self._unchecked, hung)
+        self._unchecked = [(a, m) for a, m in self._unchecked if a not in lost and not ray.wait([m], timeout=0)[0]]
+        return lost
 
 
 class ReferenceGroup(WorkerGroup[ReferenceWorker]):

@@ -8,6 +8,11 @@ bundle hosts one replica of each role and the actors split its CPU/GPU — and o
 roles verbatim. `PlacementSpec.validate` checks that every bundle holds what its roles ask for and names the pool,
 bundle and roles when it does not, before anything starts.
 
+The rollout role is elastic and never in a pool: a placement group has a fixed number of bundles and cannot grow,
+so every rollout worker gets a placement group of its own (one bundle: `ElasticRole`), and the job runs with
+between `min` and `max` of them as the cluster allows (cluster/elastic.py). `placement.replicas.rollout: n` is
+the fixed case min = max = n.
+
 Pure data + a few Ray calls at the bottom (placement groups are created and removed there, nowhere else).
 """
 
@@ -47,7 +52,8 @@ class PoolSpec:
 
 @dataclass
 class RoleSpec:
-    """Where a role's replicas run and what each replica takes from its bundle."""
+    """Where a role's replicas run and what each replica takes from its bundle (custom layout: `roles.rollout`
+    gives the rollout workers' cpus/gpus and, without rollout_workers, their fixed count; its pool is unused)."""
 
     pool: str = field("shared", "name of the pool (key of placement.pools)")
     replicas: int = field(1, "replicas (data-parallel ranks) of the role; 0 = role not started")
@@ -56,11 +62,37 @@ class RoleSpec:
 
 
 @dataclass
+class WorkerRange:
+    """`placement.rollout_workers`: the job starts with what fits (at least `min`) and takes more rollout workers,
+    up to `max`, whenever the cluster has room at the start of an iteration; a lost one is dropped (docs/CLUSTER.md)."""
+
+    min: int = field(0, "fewest rollout workers the run goes on with (it waits for them up to "
+                        "fault.stage_timeout_s, then fails)")
+    max: int = field(0, "most rollout workers (and the number of prompt shards); 0 = placement.replicas.rollout")
+
+
+@dataclass(frozen=True)
+class ElasticRole:
+    """The rollout workers: between `min` and `max` replicas, each in its own one-bundle placement group of
+    `cpus`/`gpus`."""
+
+    min: int
+    max: int
+    cpus: float
+    gpus: float
+
+    def bundle(self) -> dict[str, float]:
+        return PoolSpec(cpus=self.cpus, gpus=self.gpus).resources()
+
+
+@dataclass
 class PlacementSpec:
-    """The resolved placement: pools by name, roles by name."""
+    """The resolved placement: pools by name, roles by name (never `rollout`), and the elastic rollout workers
+    (None: the policy samples)."""
 
     pools: dict[str, PoolSpec]
     roles: dict[str, RoleSpec]
+    rollout: ElasticRole | None = None
 
     def bundle_of(self, role: str, replica: int) -> int:
         spec = self.roles[role]
@@ -85,6 +117,16 @@ class PlacementSpec:
                                      f"(pools: {', '.join(self.pools) or 'none'})")
             if spec.cpus < 0 or spec.gpus < 0:
                 raise PlacementError(f"roles.{role}: cpus/gpus must be >= 0")
+            if role == "rollout":
+                raise PlacementError("roles.rollout: rollout workers are placed one per placement group of their "
+                                     "own (PlacementConfig.resolve), never in a pool")
+        if self.rollout is not None:
+            lo, hi = self.rollout.min, self.rollout.max
+            if hi < 1 or not 1 <= lo <= hi:
+                raise PlacementError(f"rollout_workers: needs 1 <= min <= max, got min={lo}, max={hi}")
+            if self.rollout.cpus < 0 or self.rollout.gpus < 0 or self.rollout.cpus + self.rollout.gpus <= 0:
+                raise PlacementError(f"rollout_workers: a rollout worker needs cpus > 0 or gpus > 0 (got "
+                                     f"cpus={self.rollout.cpus}, gpus={self.rollout.gpus})")
         # Capacity: the sum of what the replicas in a bundle ask for must fit in that bundle.
         for name, pool in self.pools.items():
             for b in range(pool.bundles):
@@ -108,6 +150,10 @@ class PlacementSpec:
                         for r, s in self.roles.items() if s.pool == name
                         for i in range(s.replicas) if i % pool.bundles == b]
                 lines.append(f"  bundle {b}: {', '.join(here) or '(empty)'}")
+        if self.rollout is not None:
+            r = self.rollout
+            count = f"{r.min}" if r.min == r.max else f"{r.min}..{r.max} (elastic)"
+            lines.append(f"rollout: {count} worker(s), each in its own placement group of {r.bundle()}")
         return "\n".join(lines)
 
 
@@ -125,6 +171,10 @@ class PlacementConfig:
     gpus_per_worker: float = field(0.0, "GPUs each actor takes (colocated: the roles of a bundle share this)")
     pools: dict[str, PoolSpec] = field({}, "custom layout: pools by name")
     roles: dict[str, RoleSpec] = field({}, "custom layout: roles by name")
+    rollout_workers: WorkerRange = field(WorkerRange(), "elastic rollout workers {min, max} (instead of "
+                                         "replicas.rollout, which is min = max): more join when the cluster has "
+                                         "room, lost ones are dropped; each takes cpus_per_worker/gpus_per_worker "
+                                         "(custom: roles.rollout's) in a placement group of its own")
 
     def check(self, defaults: dict[str, int] | None = None) -> PlacementSpec:
         """Validate and resolve (raises PlacementError with the field path relative to the placement config).
@@ -138,18 +188,41 @@ class PlacementConfig:
                 raise PlacementError(f"replicas.{role}: unknown role (known: {', '.join(ROLES)})")
             if n < 0:
                 raise PlacementError(f"replicas.{role}: must be >= 0, got {n}")
+        lo, hi = self.rollout_workers.min, self.rollout_workers.max
+        if (lo, hi) != (0, 0):
+            fixed = "replicas.rollout" if self.replicas.get("rollout", 0) > 0 else \
+                "roles.rollout.replicas" if self.layout == "custom" and "rollout" in self.roles else None
+            if fixed:
+                raise PlacementError(f"rollout_workers: give either {fixed} (a fixed count) or rollout_workers "
+                                     "{min, max}, not both")
+            if lo > hi:
+                raise PlacementError(f"rollout_workers.min: must be <= rollout_workers.max, got min={lo} > max={hi}")
+            if lo < 1:
+                raise PlacementError(f"rollout_workers.min: must be >= 1 (the run needs a worker to sample; "
+                                     f"without rollout workers the policy samples), got {lo}")
         return self.resolve(defaults)
 
     def resolve(self, defaults: dict[str, int] | None = None) -> PlacementSpec:
         if self.layout == "custom":
             if not self.roles:
                 raise PlacementError("roles: the custom layout needs placement.roles (and placement.pools)")
-            return PlacementSpec(dict(self.pools), dict(self.roles)).validate()
+            roles = {r: s for r, s in self.roles.items() if r != "rollout"}
+            worker = self.roles.get("rollout", RoleSpec(replicas=0, cpus=self.cpus_per_worker,
+                                                        gpus=self.gpus_per_worker))
+            spec = PlacementSpec(dict(self.pools), roles, self._rollout(worker.replicas, worker.cpus, worker.gpus))
+            return spec.validate()
         fallback = {**DEFAULT_REPLICAS, **(defaults or {})}
-        replicas = {r: self.replicas.get(r, fallback[r]) for r in ROLES}
-        if self.layout == "colocated":
-            return colocated(replicas, self.cpus_per_worker, self.gpus_per_worker)
-        return disaggregated(replicas, self.cpus_per_worker, self.gpus_per_worker)
+        replicas = {r: self.replicas.get(r, fallback[r]) for r in ROLES if r != "rollout"}
+        layout = colocated if self.layout == "colocated" else disaggregated
+        spec = layout(replicas, self.cpus_per_worker, self.gpus_per_worker)
+        spec.rollout = self._rollout(self.replicas.get("rollout", fallback["rollout"]), self.cpus_per_worker,
+                                     self.gpus_per_worker)
+        return spec.validate()
+
+    def _rollout(self, fixed: int, cpus: float, gpus: float) -> ElasticRole | None:
+        """The rollout workers: rollout_workers {min, max} if given, else `fixed` of them (None for 0)."""
+        lo, hi = (self.rollout_workers.min, self.rollout_workers.max) if self.rollout_workers.max else (fixed, fixed)
+        return ElasticRole(lo, hi, cpus, gpus) if hi > 0 else None
 
 
 def colocated(replicas: dict[str, int], cpus_per_worker: float, gpus_per_bundle: float = 0.0) -> PlacementSpec:
@@ -220,6 +293,30 @@ def actor_options(spec: PlacementSpec, groups: dict[str, Any], role: str, replic
                                                 placement_group_bundle_index=spec.bundle_of(role, replica),
                                                 placement_group_capture_child_tasks=False)
     return {"num_cpus": rs.cpus, "num_gpus": rs.gpus, "scheduling_strategy": strategy}
+
+
+def create_worker_group(role: ElasticRole, name: str) -> Any:
+    """One rollout worker's placement group (one bundle), not waited for: it is placed when the cluster has room
+    (on an autoscaling cluster its pending demand is what adds a node)."""
+    from ray.util.placement_group import placement_group
+
+    return placement_group([role.bundle()], name=name)
+
+
+def is_placed(group: Any) -> bool:
+    """Whether the cluster has placed this placement group now (its state in the GCS, not a wait)."""
+    from ray.util import placement_group_table
+
+    return placement_group_table(group)["state"] == "CREATED"
+
+
+def worker_options(role: ElasticRole, group: Any) -> dict[str, Any]:
+    """`.options(...)` for a rollout worker in its own placement group."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0,
+                                                placement_group_capture_child_tasks=False)
+    return {"num_cpus": role.cpus, "num_gpus": role.gpus, "scheduling_strategy": strategy}
 
 
 def remove_pools(groups: dict[str, Any]) -> None:

@@ -83,14 +83,30 @@ class DistributedWorker:
         return dist.get_rank()
 
 
+def remote_class(worker_cls: type[W], faults: frozenset[str]) -> Any:
+    """`ray.remote` of a role class — wrapped by `instrument_actor` only when fault injection is configured."""
+    import ray
+
+    return ray.remote(instrument_actor(worker_cls, faults) if faults else worker_cls)
+
+
+def arm_fault(actor: Any, role: str, faults: frozenset[str], method: str, after_engine_steps: int | None,
+              timeout_s: float) -> None:
+    """Arm `actor`'s next call of `method` to crash (cluster/faults.py) and wait until it is armed, so a call
+    submitted afterwards is the one that crashes."""
+    import ray
+
+    if method not in faults:
+        raise ValueError(f"{role}: {method} is not instrumented for faults (faults={sorted(faults)})")
+    ray.get(actor.arm_fault.remote(method, after_engine_steps), timeout=timeout_s)
+
+
 class WorkerGroup(Generic[W]):
     """The replicas of `role`, created in their placement bundles. `distributed=True` forms a DP world."""
 
     def __init__(self, role: str, worker_cls: type[W], config: Any, spec: PlacementSpec, pools: dict[str, Any], *,
                  distributed: bool, rendezvous: Rendezvous = "file", rendezvous_dir: str | Path = ".tmp/rendezvous",
                  max_restarts: int = 3, timeout_s: float = 300.0, faults: Collection[str] = ()) -> None:
-        import ray
-
         if role not in spec.roles or spec.roles[role].replicas < 1:
             raise ValueError(f"placement.roles.{role}: the role has no replicas")
         self.role = role
@@ -101,7 +117,7 @@ class WorkerGroup(Generic[W]):
         self.faults = frozenset(faults)
         rs = spec.roles[role]
         self.threads = max(1, int(rs.cpus))
-        remote_cls = ray.remote(instrument_actor(worker_cls, self.faults) if self.faults else worker_cls)
+        remote_cls = remote_class(worker_cls, self.faults)
         self._options = [dict(actor_options(spec, pools, role, i), max_restarts=max_restarts, max_task_retries=0)
                          for i in range(rs.replicas)]
         self._new = lambda i: remote_cls.options(**self._options[i]).remote(config, rank=i, world_size=rs.replicas)
@@ -159,9 +175,7 @@ class WorkerGroup(Generic[W]):
     def arm_fault(self, method: str, after_engine_steps: int | None = None, replica: int = 0) -> None:
         """Fault injection: replica `replica` exits in its next call of `method` (cluster/faults.py). Waits until
         the replica is armed, so a call submitted afterwards is the one that crashes."""
-        if method not in self.faults:
-            raise ValueError(f"{self.role}: {method} is not instrumented for faults (faults={sorted(self.faults)})")
-        self.get(self.actors[replica].arm_fault.remote(method, after_engine_steps))
+        arm_fault(self.actors[replica], self.role, self.faults, method, after_engine_steps, self.timeout_s)
 
     def shutdown(self) -> None:
         import ray

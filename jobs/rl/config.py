@@ -185,9 +185,10 @@ class PPOJobConfig:
     def validate(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"engine: unknown rollout engine {self.engine!r} (engines: {', '.join(ENGINES)})")
-        if self.engine != "native" and self.placement.replicas.get("rollout", 0) < 1:
+        if self.engine != "native" and self.placement.replicas.get("rollout", 0) < 1 \
+                and self.placement.rollout_workers.max < 1:
             raise ConfigError(f"engine: {self.engine!r} samples on rollout workers; set placement.replicas.rollout "
-                              ">= 1 (the policy itself samples with the native engine)")
+                              ">= 1 or placement.rollout_workers (the policy itself samples with the native engine)")
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm: unknown algorithm {self.algorithm!r}; expected one of {list(ALGORITHMS)}")
         try:
@@ -305,10 +306,9 @@ class PPOJobConfig:
         return [c.checkpoint for c in self.reward_components() if c.checkpoint is not None]
 
     def generators(self, spec: PlacementSpec | None = None) -> tuple[str, int]:
-        """(role, replicas) that sample: the rollout workers if any, else the policy."""
+        """(role, prompt shards): the rollout workers, `max` shards however many are alive; else one per policy rank."""
         spec = spec or self.placement_spec()
-        n = spec.roles["rollout"].replicas if "rollout" in spec.roles else 0
-        return ("rollout", n) if n > 0 else ("policy", spec.roles["policy"].replicas)
+        return ("rollout", spec.rollout.max) if spec.rollout else ("policy", spec.roles["policy"].replicas)
 
     def run_dir(self) -> Path:
         return Path(self.runs_root) / self.name

@@ -8,7 +8,9 @@ hung (timeout), its whole group is restarted — a data-parallel world cannot co
 reloaded from the last checkpoint (policy/value engines, the rollout workers' weights), and only that group's part
 of the stage is resubmitted with the same inputs. Inputs are ObjectRefs owned by this controller, so they outlive
 any worker. Because every random draw is a pure function of (seed, iteration, row/rank), the retried stage
-reproduces what the lost one would have computed.
+reproduces what the lost one would have computed. Rollout workers are elastic instead (`_reconcile_rollout`,
+cluster/elastic.py): a lost one is dropped and only its shards are resubmitted, to the survivors; workers join at
+the start of a generate stage when the cluster has room.
 
 Checkpoints. After every iteration: the policy and value engines (DeepSpeed: weights + optimizer state), then the
 controller state (iteration, KL controller, weights version/checksum, the trajectory-defining config), then the
@@ -225,9 +227,10 @@ class Controller:
                 self.value = self.groups["value"] = ValueGroup(s.value, self.spec, self.pools,
                                                                faults=faults("value"), **kw)
             self.rollout = None
-            if self.generator_role == "rollout":
-                self.rollout = self.groups["rollout"] = RolloutGroup(s.rollout, self.spec, self.pools,
-                                                                     faults=faults("rollout"), **kw)
+            if self.spec.rollout is not None:  # elastic: its own placement group per worker (cluster/elastic.py)
+                self.rollout = self.groups["rollout"] = RolloutGroup(
+                    s.rollout, self.spec.rollout, name_prefix=f"ppo-{self.cfg.name}", faults=faults("rollout"),
+                    timeout_s=self.cfg.fault.stage_timeout_s)
             t0 = time.perf_counter()
             for g in self.groups.values():
                 g.ready()
@@ -265,20 +268,41 @@ class Controller:
             self._sync_rollout()
         elif role == "value" and self.value is not None:
             self.value.get(self.value.setup(self._snapshot("value")))
-        elif role == "rollout":
-            self._sync_rollout()
 
-    def _sync_rollout(self) -> None:
-        """Send the policy's weights to every rollout worker; each must report the policy's version + checksum."""
+    def _sync_rollout(self, joined: list[Any] | None = None) -> None:
+        """Send the policy's weights to every rollout worker (after a setup or an update: a fresh message), or
+        the current message to the workers that just `joined`; each must report the policy's version + checksum.
+        A worker lost meanwhile is dropped: the pool goes on with the others (the next generate reconciles)."""
         if self.rollout is None:
             return
         t0 = time.perf_counter()
-        message = self.policy.weights()
-        for version, checksum in self.rollout.get(self.rollout.load_weights(message)):
+        if joined is None:
+            self._weights = self.policy.weights()  # kept: a worker joining later loads the same message
+        lost = []
+        for worker, ref in self.rollout.load_weights(self._weights, joined):
+            try:
+                version, checksum = self.rollout.get(ref)
+            except (RayActorError, ActorUnavailableError):
+                lost.append(worker)
+                continue
             if (version, checksum) != (self.expected.version, self.expected.checksum):
                 raise StaleWeightsError(f"weight_version: a rollout worker loaded version {version} "
                                         f"({checksum[:12]}…), the policy is at {self.expected}")
-        self.timings["sync"] = time.perf_counter() - t0
+        self.rollout.drop(lost)
+        if joined is None:  # a join is timed as part of the reconcile
+            self.timings["sync"] = time.perf_counter() - t0
+
+    def _reconcile_rollout(self, check_alive: bool = True) -> None:
+        """Grow or shrink the rollout pool to what the cluster holds now (cluster/elastic.py: dead workers out,
+        new ones in wherever a placement group was placed, at least `min`); joiners load the current weights.
+        `check_alive=False` where workers may be busy (generations submitted ahead): the dead then surface as
+        failed calls, which `_recover` drops."""
+        t0 = time.perf_counter()
+        joined = self.rollout.reconcile(check_alive)
+        if joined:
+            self._sync_rollout(joined)
+        self.rollout_workers = len(self.rollout)
+        self.timings["reconcile"] = time.perf_counter() - t0
 
     def _member_lost(self, refs: list[Any]) -> bool:
         """Whether any of these calls failed because its actor died (rather than with an exception of its own)."""
@@ -294,6 +318,11 @@ class Controller:
 
     def _recover(self, role: str, timed_out: bool) -> None:
         self.recoveries += 1
+        if role == "rollout":  # elastic: drop the lost (or hung) workers; their shards go to the survivors
+            self.rollout.drop(self.rollout.lost_in_generate(hung=timed_out))
+            if len(self.rollout) < self.rollout.spec.min:
+                self._reconcile_rollout()  # waits for room for `min` workers (up to the stage timeout)
+            return
         group = self.groups[role]
         if group.distributed or timed_out:
             group.replace()  # a DP world (or a hung replica) cannot be patched: fresh processes, fresh world
@@ -343,24 +372,36 @@ class Controller:
         return out
 
     def prompts(self, it: int) -> list[PromptShard]:
-        """This iteration's prompts, cut into one contiguous shard per generator replica (whole groups: a
-        replica samples all G = group_size responses of its prompts, sharing each prompt's prefill), with
-        per-row seeds. Row g·G + j is sample j of prompt g, seeded by (seed, iteration, row) — a pure function
-        of (iteration, prompt, sample), independent of the sharding."""
+        """This iteration's prompts, cut into `n_gen` contiguous shards (one per policy rank, or as many as the
+        rollout workers' maximum, however many are alive; at most one per prompt) of whole groups: a replica
+        samples all G = group_size responses of its prompts, sharing each prompt's prefill, so every algorithm's
+        groups stay whole. Per-row seeds: row g·G + j is sample j of prompt g, seeded by (seed, iteration, row) —
+        a pure function of (iteration, prompt, sample), independent of the sharding and of the worker count."""
         order = prompt_order(len(self.prompts_train), self.cfg.seed, it, self.cfg.batch_size)
         ids = [self.prompts_train.ids[r] for r in order]
         G = self.cfg.group_size
         seeds = [derive_seed(self.cfg.seed, it, row) for row in range(len(ids) * G)]
-        bounds = [i * len(ids) // self.n_gen for i in range(self.n_gen + 1)]
+        n = min(self.n_gen, len(ids)) if self.generator_role == "rollout" else self.n_gen  # DP ranks: one each
+        bounds = [i * len(ids) // n for i in range(n + 1)]
         return [PromptShard(ids[a:b], list(range(a * G, b * G)), seeds[a * G:b * G], n=G)
                 for a, b in zip(bounds, bounds[1:])]
 
     def generate(self, it: int, shards: list[PromptShard]) -> list[Any]:
-        group = self.rollout if self.rollout is not None else self.policy
+        if self.rollout is not None:
+            self._reconcile_rollout()
+            rollout, attempts = self.rollout, []
 
-        def call() -> tuple[list[Any], Any]:
-            pairs = group.generate(shards)
-            return [m for m, _ in pairs], [r for _, r in pairs]
+            def call() -> tuple[list[Any], Any]:  # a retry resubmits only the lost workers' shards
+                pairs = rollout.generate(shards, retry=bool(attempts))
+                attempts.append(1)
+                return [m for m, _ in pairs], [r for _, r in pairs]
+        else:
+            policy = self.policy
+            self.rollout_workers = 0
+
+            def call() -> tuple[list[Any], Any]:
+                pairs = policy.generate(shards)
+                return [m for m, _ in pairs], [r for _, r in pairs]
 
         metas, refs = self._stage(it, "generate", {self.generator_role: call})[self.generator_role]
         check_weights(metas, self.expected)
@@ -477,6 +518,7 @@ class Controller:
             **{f"time_{k}": round(v, 4) for k, v in self.timings.items() if k != "startup"},
             time_iteration=round(seconds, 4), samples_per_s=self.cfg.rows / max(work, 1e-9),
             rollout_bytes=self.rollout_bytes, recoveries=self.recoveries, weight_version=self.expected.version,
+            rollout_workers=self.rollout_workers,
             engine=self.cfg.engine if self.generator_role == "rollout" else "native")
         gold = "   n/a" if self.gold_reward is None else f"{self.gold_reward:+.3f}"
         print(f"[ppo] iter {it + 1}/{self.cfg.iterations}  gold {gold}  proxy {stats['proxy_reward']:+.3f}  "

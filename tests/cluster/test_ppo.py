@@ -29,7 +29,8 @@ from jobs.rl.config import PPOJobConfig
 
 pytestmark = pytest.mark.slow
 
-VOLATILE = ("time", "samples_per_s", "recoveries")  # wall-clock and bookkeeping, not results
+# wall-clock and bookkeeping, not results (rollout_workers: 0 where the policy samples, 2 with rollout workers)
+VOLATILE = ("time", "samples_per_s", "recoveries", "rollout_workers")
 METADATA_BYTES = 64 * 1024  # the most the controller may fetch with one object (issue 13: no driver funnel)
 
 
