@@ -18,6 +18,7 @@ from jobs.config import ConfigError, from_dict
 from jobs.report import plot_overoptimisation
 from jobs.rl.config import PPOJobConfig
 from jobs.rl.mitigation import MitigationConfig, StopRule
+from jobs.rl.monitor import Monitor
 from models.checkpoint import save_checkpoint
 from models.config import GPTConfig
 from models.diversity import distinct_n, repeated_ngrams, repetition_rate
@@ -149,6 +150,18 @@ def test_stop_rule_fires_after_patience_on_kl_and_on_rising_disagreement() -> No
     assert StopRule(MitigationConfig()).update({"kl": 1e9}) is None  # off by default
     with pytest.raises(ConfigError, match="stop_disagreement: needs an ensemble"):
         from_dict(MitigationConfig, {"stop_disagreement": 2.0})
+
+
+def test_monitor_ends_the_run_on_the_stop_rule_but_not_after_the_last_iteration() -> None:
+    cfg = from_dict(PPOJobConfig, {"iterations": 5, "mitigation": {"stop_kl": 6.0, "stop_patience": 1}})
+    never = lambda: pytest.fail("monitor.every=0 never asks for the weights")  # noqa: E731
+    mon = Monitor(cfg, metrics=None)
+    assert mon.step(0, {"kl": 5.0}, never) is False
+    assert mon.step(1, {"kl": 6.5}, never) is True
+    assert mon.summary() == {"stopped_at": 2, "stop_reason": "KL per response above mitigation.stop_kl=6 for 1 "
+                                                            "iterations"}
+    last = Monitor(cfg, metrics=None)
+    assert last.step(4, {"kl": 9.0}, never) is False and last.summary() == {}  # the run ends there anyway
 
 
 # --- the report's plot -----------------------------------------------------------------------------------------------
