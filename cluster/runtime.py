@@ -59,9 +59,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         # Loopback settings only for the single-node embedded cluster: on a real cluster gloo must use the
         # cluster network, so workers keep the cluster's own environment.
         runtime_env = {"env_vars": dict(WORKER_ENV)}
+        # address="local": a new cluster even if a `ray start` head is running on this machine (ray.init() with
+        # no address would join the latest one it finds in the temp dir, and then refuses num_cpus).
         ray.init(
-            num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1", runtime_env=runtime_env, logging_level="WARNING",
+            address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
+            dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", runtime_env=runtime_env, logging_level="WARNING",
             log_to_driver=kwargs.pop("log_to_driver", True), **kwargs,
         )
     else:
