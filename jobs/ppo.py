@@ -37,8 +37,9 @@ def run(cfg: PPOJobConfig) -> dict[str, Any]:
             batch, stats = ctl.advantages(rollouts, ref_logprobs, scores, values)   # GAE | GRPO | RLOO | REINFORCE++
             update = ctl.update(it, batch, rollouts)                      # policy | value (PPO only), in parallel
             ctl.kl.update(stats["kl"], cfg.rows)                          # adaptive β (Ziegler et al. §2.2)
-            ctl.checkpoint(it)
+            tag = ctl.checkpoint(it)
             ctl.log(it, stats, update, time.perf_counter() - t0)
+            ctl.commit(tag)  # `latest` moves only after the row is on disk: a driver kill never skips a row
             if ctl.watch(it, stats):  # held-out eval every monitor.every; the stop rule (jobs/rl/monitor.py)
                 break
         return ctl.finish()

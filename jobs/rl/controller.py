@@ -14,8 +14,9 @@ the start of a generate stage when the cluster has room.
 
 Checkpoints. After every iteration: the policy and value engines (DeepSpeed: weights + optimizer state), then the
 controller state (iteration, KL controller, weights version/checksum, the trajectory-defining config), then the
-`latest` pointer — each written to a temporary name and renamed, the pointer last, so a crash at any moment leaves
-the previous checkpoint intact. The same checkpoint is what fault recovery reloads and what `resume` continues.
+iteration's metrics row (appended), then the `latest` pointer — files written to a temporary name and renamed, the
+pointer last, so a crash at any moment leaves the previous checkpoint intact and `resume` neither skips nor repeats
+a row. The same checkpoint is what fault recovery reloads and what `resume` continues.
 RNG: the prompt order, sampling seeds, minibatch order and dropout seeds derive from (seed, iteration, …), so the
 iteration number *is* the RNG state.
 
@@ -486,7 +487,9 @@ class Controller:
         return {**_mean([r.metrics for r in results]), **(_mean(res["value"][0]) if "value" in res else {})}
 
     # --- checkpoint / metrics ---------------------------------------------------------------------------------
-    def checkpoint(self, it: int) -> None:
+    def checkpoint(self, it: int) -> str:
+        """Save the engines and the controller state under a new tag; `commit` makes it `latest` once the
+        iteration's metrics row is written (a kill in between redoes the iteration on resume, never skips its row)."""
         t0 = time.perf_counter()
         tag = f"iter-{it + 1:06d}"
         policy_dir, value_dir = self.state_dir / "policy", self.state_dir / "value"
@@ -501,14 +504,20 @@ class Controller:
                  "weights": {"version": self.expected.version, "checksum": self.expected.checksum},
                  "replicas": {"policy": self.n_policy, "value": self.n_value}, "config": to_dict(self.cfg)}
         _write_atomic(ctl_dir / f"{tag}.json", json.dumps(state, indent=1))
-        _write_atomic(self.state_dir / "latest", tag + "\n")
         self.tag = tag
+        self.timings["checkpoint"] = time.perf_counter() - t0
+        return tag
+
+    def commit(self, tag: str) -> None:
+        """Point `latest` at `tag` (after its iteration's row is logged), then drop checkpoints beyond
+        `keep_checkpoints`."""
+        _write_atomic(self.state_dir / "latest", tag + "\n")
+        ctl_dir = self.state_dir / "controller"
         tags = sorted(p.stem for p in ctl_dir.glob("iter-*.json"))
         for old in tags[:-self.cfg.keep_checkpoints]:
-            for d in (policy_dir / old, value_dir / old):
+            for d in (self.state_dir / "policy" / old, self.state_dir / "value" / old):
                 shutil.rmtree(d, ignore_errors=True)
             (ctl_dir / f"{old}.json").unlink(missing_ok=True)
-        self.timings["checkpoint"] = time.perf_counter() - t0
 
     def log(self, it: int, stats: dict[str, float], update: dict[str, float], seconds: float) -> dict[str, Any]:
         work = sum(self.timings.get(k, 0.0) for k in ("generate", "score", "advantages", "update", "sync"))
