@@ -65,6 +65,9 @@ class PPOUpdateSpec:
     loss_agg: LossAgg = "token-mean"
     max_response_len: int | None = None
     kl_estimator: KLKind = "k3"
+    # Bounded-staleness async RL (jobs/rl/staleness.py): None = on-policy; a float = the truncation cap of the
+    # behaviour importance weight of the decoupled objective (models/losses.py `policy_loss`).
+    behaviour_cap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,10 @@ class PolicyWorker(DistributedWorker):
         torch.manual_seed(derive_seed(spec.seed, iteration, self.rank, 1))
         temperature = self.spec.sampling.temperature
         gap: dict[str, float] = {}
-        if not rollout.exact_logprobs:  # e.g. vLLM sampled: its log-probs come from other kernels than ours
+        behaviour = None  # π_behav of stale rollouts (max_staleness >= 1); old_logprobs become the proximal π_old
+        if spec.behaviour_cap is not None and (rollout.weight_version != self.version or not rollout.exact_logprobs):
+            behaviour = rollout.old_logprobs
+        if not rollout.exact_logprobs or behaviour is not None:  # vLLM's kernels, or older weights than ours
             rollout, gap = self.recompute_old_logprobs(rollout)
         sums: dict[str, float] = defaultdict(float)
         eng.train()
@@ -178,7 +184,8 @@ class PolicyWorker(DistributedWorker):
         for _ in range(spec.epochs):
             perm = torch.randperm(rollout.batch_size, generator=order)
             for k in range(rollout.batch_size // spec.minibatch_size):
-                part = rollout.select(perm[k * spec.minibatch_size:(k + 1) * spec.minibatch_size])
+                rows = perm[k * spec.minibatch_size:(k + 1) * spec.minibatch_size]
+                part = rollout.select(rows)
                 mask = part.action_mask.to(dev)
                 logits = response_logits(eng, part)
                 logprobs = response_logprobs(logits, part, temperature)
@@ -186,7 +193,10 @@ class PolicyWorker(DistributedWorker):
                 loss, m = policy_loss(logprobs, part.old_logprobs.to(dev), part.advantages.to(dev), mask,
                                       spec.clip_eps, clip_low=spec.clip_low, clip_high=spec.clip_high,
                                       loss_agg=spec.loss_agg, max_response_len=spec.max_response_len,
-                                      kl_coef=kl_coef, ref_logprobs=ref, kl_estimator=spec.kl_estimator)
+                                      kl_coef=kl_coef, ref_logprobs=ref, kl_estimator=spec.kl_estimator,
+                                      **({} if behaviour is None else
+                                         {"behaviour_logprobs": behaviour.index_select(0, rows).to(dev),
+                                          "behaviour_cap": spec.behaviour_cap}))
                 with torch.no_grad():
                     entropy = entropy_from_logits(tempered(logits.float(), temperature))
                     sums["entropy"] += float(masked_mean(entropy, mask))
@@ -202,7 +212,8 @@ class PolicyWorker(DistributedWorker):
                     sums["ptx_loss"] += float(ptx_loss.detach())
                 eng.backward(loss)
                 eng.step()
-                for name in ("clipfrac", "clipfrac_low", "clipfrac_high", "approx_kl", "ratio", "kl"):
+                for name in ("clipfrac", "clipfrac_low", "clipfrac_high", "approx_kl", "ratio", "kl",
+                             "behaviour_weight", "behaviour_capped"):
                     if name in m:
                         sums[name if name != "kl" else "kl_loss_term"] += float(m[name])
                 norm = eng.get_global_grad_norm()

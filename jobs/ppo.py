@@ -9,6 +9,11 @@ One iteration (InstructGPT §3.5, Ziegler et al. 2019; the loop below reads exac
                 value loss, each on its data-parallel shard
     checkpoint  engines + controller state, so a failure reloads "the last weights" and a run resumes exactly
 
+With `max_staleness` k >= 1 (asynchronous RL, jobs/rl/staleness.py) the rollout workers generate iterations
+t+1 … t+k while iteration t is scored and the trainers update (`submit_ahead`), with weights at most k versions
+old (checked when `rollouts` takes them); the policy loss corrects for the lag with the decoupled PPO objective.
+k = 0 is the synchronous loop: `rollouts(it)` is `generate(it, prompts(it))` and `submit_ahead` does nothing.
+
 Between stages only ObjectRefs move; the controller waits on small metadata objects, every wait has a timeout.
 A worker that dies (or hangs past the timeout) mid-stage is restarted with its group, reloaded from the last
 checkpoint, and the interrupted stage is resubmitted (`jobs/rl/controller.py`). Config, placement and the held-out
@@ -31,8 +36,8 @@ def run(cfg: PPOJobConfig) -> dict[str, Any]:
     with Controller(cfg) as ctl:
         for it in range(ctl.start_iteration, cfg.iterations):
             t0 = time.perf_counter()
-            prompts = ctl.prompts(it)
-            rollouts = ctl.generate(it, prompts)                          # [rollout shard ref]
+            rollouts = ctl.rollouts(it)      # [rollout shard ref]: generate now, or take the one submitted ahead
+            ctl.submit_ahead(it)             # max_staleness k >= 1: rollout workers start on it+1 … it+k
             ref_logprobs, scores, values = ctl.score(it, rollouts)        # reference | reward | value (PPO only)
             batch, stats = ctl.advantages(rollouts, ref_logprobs, scores, values)   # GAE | GRPO | RLOO | REINFORCE++
             update = ctl.update(it, batch, rollouts)                      # policy | value (PPO only), in parallel

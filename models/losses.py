@@ -13,6 +13,8 @@ References
 - Shao et al. 2024, "DeepSeekMath" §4.1 eq. 3: GRPO objective (per-sequence token mean, KL term with k3).
 - Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO): constant normaliser.
 - Yu et al. 2025, "DAPO" §3.1 (clip-higher: ε_low ≠ ε_high), §3.3 (token-level policy-gradient loss).
+- Hilton et al. 2021 (decoupled PPO objective), Fu et al. 2025 "AReaL" §5 (its use for stale rollouts), Espeholt
+  et al. 2018 "IMPALA" §4.1 (truncated importance weights).
 """
 
 from __future__ import annotations
@@ -167,6 +169,8 @@ def policy_loss(
     kl_coef: float = 0.0,
     ref_logprobs: torch.Tensor | None = None,
     kl_estimator: KLKind = "k3",
+    behaviour_logprobs: torch.Tensor | None = None,
+    behaviour_cap: float = 3.0,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), negated to a loss; the one policy loss of every algorithm.
 
@@ -179,6 +183,15 @@ def policy_loss(
     - kl_coef / ref_logprobs / kl_estimator: KL to the reference as a loss term (GRPO, Shao et al. 2024 eq. 3-4,
       k3 estimator) instead of, or besides, KL in the reward (`models.advantages.per_token_rewards`). The
       per-token KL is taken at the current π_θ (it has a gradient) and aggregated like the surrogate, as TRL does.
+    - behaviour_logprobs / behaviour_cap: off-policy (stale) samples, drawn by a behaviour policy π_behav some
+      versions older than π_old (bounded-staleness asynchronous RL, `max_staleness`). The decoupled PPO objective
+      (Hilton et al. 2021 "Batch size-invariance for policy optimization" §3; AReaL, Fu et al. 2025 eq. 5):
+      π_old is the *proximal* policy (the trainer's weights when the update starts) that the ratio is clipped
+      around, and the surrogate is reweighted by w_t = min(π_old/π_behav, behaviour_cap) — a truncated importance
+      weight (IMPALA's ρ̄, Espeholt et al. 2018 §4.1; "truncated IS", Yao et al. 2025), a constant (no gradient).
+      ℓ_t = w_t·max(…) [+ β·KL_t]: the KL term is not reweighted. This is TRL 1.12 GRPOTrainer's
+      `vllm_importance_sampling_mode="token_truncate"` with `vllm_importance_sampling_clip_max = behaviour_cap`
+      (default 3.0, TRL's). None = on-policy (π_behav = π_old): the plain loss, bit for bit.
     logprobs (with grad), old_logprobs, mask: (B, T); advantages: (B, T), or (B, 1) for one advantage per response
     (broadcast over its tokens); ref_logprobs: (B, T). A sequence-level ratio (TRL's RLOO) is the same call on
     (B, 1) sequence log-probs with a (B, 1) mask of ones.
@@ -187,7 +200,8 @@ def policy_loss(
     bound with A < 0 / at the upper bound with A > 0 (TRL's clip_ratio/low_mean, high_mean); "approx_kl" = masked
     mean of ½(logπ_θ − logπ_old)² — the k2 estimator of KL(π_old‖π_θ), as TRL's PPO logs it (TRL averages over
     padding too; we average over valid tokens only); "ratio" = masked mean of ρ; "kl" = masked mean of the KL term's
-    per-token estimate (only when kl_coef != 0).
+    per-token estimate (only when kl_coef != 0); with behaviour_logprobs, "behaviour_weight" = masked mean of w and
+    "behaviour_capped" = fraction of valid tokens whose weight was truncated.
     """
     low = clip_eps if clip_low is None else clip_low
     high = clip_eps if clip_high is None else clip_high
@@ -199,6 +213,13 @@ def policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     per_token = torch.max(unclipped, clipped)
+    weight = None
+    if behaviour_logprobs is not None:
+        if not behaviour_cap > 0:
+            raise ValueError(f"behaviour_cap: must be > 0, got {behaviour_cap}")
+        raw_weight = torch.exp(old_logprobs - behaviour_logprobs).detach()
+        weight = torch.clamp(raw_weight, max=behaviour_cap)
+        per_token = per_token * weight
     kl = None
     if kl_coef != 0:
         if ref_logprobs is None:
@@ -216,6 +237,9 @@ def policy_loss(
         }
         if kl is not None:
             metrics["kl"] = masked_mean(kl, mask)
+        if weight is not None:
+            metrics["behaviour_weight"] = masked_mean(weight, mask)
+            metrics["behaviour_capped"] = masked_mean((raw_weight > behaviour_cap).float(), mask)
     return loss, metrics
 
 

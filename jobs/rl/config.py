@@ -1,5 +1,9 @@
 """The typed config of `raygpt ppo` (one source of truth for YAML, `--set`, defaults and `--help`) and the
-role specs built from it: each role receives only its own spec (actors/*.py), never this whole config."""
+role specs built from it: each role receives only its own spec (actors/*.py), never this whole config.
+
+Longer than 400 lines because every section of the job's config, the checks across sections (placement × algorithm
+× engine × staleness) and the role specs derived from them are one contract; split, a check would sit apart from
+the fields it relates."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from cluster.placement import PlacementConfig, PlacementError, PlacementSpec
 from jobs.config import ConfigError, field
 from jobs.data.tasks import TaskConfig
 from jobs.rl.mitigation import MitigationConfig, MonitorConfig, ensemble_items
+from jobs.rl.staleness import check_config as check_staleness_config
 from models.advantages import ADVANTAGE_ESTIMATORS, get_estimator
 from models.generation import SamplingParams
 from models.losses import LossAgg
@@ -80,6 +85,8 @@ class LossConfig:
     kl_in: Literal["auto", "reward", "loss"] = field(
         "auto", help="where β·KL(π‖π_ref) goes: the per-token reward (InstructGPT; kl.estimator) or a k3 loss term "
                      "(GRPO); auto = loss for grpo, reward otherwise. β comes from the kl section either way")
+    behaviour_cap: float = field(3.0, help="max_staleness >= 1: truncation of the importance weight π_old/π_behav "
+                                           "of stale rollouts (TRL's vllm_importance_sampling_clip_max)")
 
     def validate(self) -> None:
         for name in ("clip_low", "clip_high"):
@@ -177,6 +184,8 @@ class PPOJobConfig:
     monitor: MonitorConfig = field(MonitorConfig(), help="held-out evaluation during training")
     placement: PlacementConfig = field(PlacementConfig(), help="role → pool → bundles (see cluster/placement.py)")
     fault: FaultConfig = field(FaultConfig(), help="fault tolerance")
+    max_staleness: int = field(0, help="asynchronous RL: rollout workers sample iterations t+1…t+k during the "
+                                       "update of t, with weights ≤ k versions old (0 = synchronous; docs/PPO.md)")
     keep_checkpoints: int = field(2, help="trainer_state checkpoints kept (one per iteration is written)")
     resume: bool = field(False, help="continue runs/<name>/ from its latest trainer_state checkpoint")
     address: str | None = field(None, help="Ray cluster address (default: $RAY_ADDRESS, else an embedded cluster)")
@@ -236,6 +245,8 @@ class PPOJobConfig:
             raise ConfigError(f"ppo.zero_stage: must be 0-3, got {self.ppo.zero_stage}")
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints: must be >= 1 (fault recovery reloads the latest)")
+        # max_staleness: >= 0; with k >= 1 rollout workers and an algorithm that corrects for stale samples
+        check_staleness_config(self.max_staleness, self.loss.behaviour_cap, self.generators(spec)[0], self.algorithm)
 
     # --- derived ----------------------------------------------------------------------------------------------
     @property
@@ -375,7 +386,8 @@ def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: in
                           PPOUpdateSpec(epochs=p.epochs, minibatch_size=p.minibatch_size // n_policy, clip_eps=p.clip,
                                         ptx_coef=cfg.ptx.coef, seed=cfg.seed, clip_low=cfg.loss.clip_low,
                                         clip_high=cfg.loss.clip_high, loss_agg=agg,
-                                        max_response_len=norm)),
+                                        max_response_len=norm,
+                                        behaviour_cap=cfg.loss.behaviour_cap if cfg.max_staleness else None)),
         reference=ReferenceSpec(policy_dir, temperature=s.temperature),
         reward=RewardSpec(components=tuple(components), eos_id=eos_id, shaping=cfg.mitigation.shaping(),
                           tokenizer=tokenizer_path if any(c.function for c in components) else None),

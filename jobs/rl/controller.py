@@ -49,11 +49,13 @@ from cluster.metrics import MetricsWriter, read_metrics
 from cluster.placement import create_pools, remove_pools
 from cluster.runtime import init_ray, is_embedded
 from jobs.config import ConfigError, to_dict
+from jobs.rl.async_rollouts import AsyncRollouts
 from jobs.rl.config import PPOJobConfig, RoleSpecs, abspath, parse_fault, role_specs
 from jobs.rl.final import export_policy, heldout_eval, write_report
 from jobs.rl.gold import gold_score
 from jobs.rl.inputs import PromptSet, check_checkpoints, gold_function, load_tokenizer, ptx_dataset
 from jobs.rl.monitor import Monitor
+from jobs.rl.staleness import StaleWeightsError, check_staleness
 from jobs.runs import start_run
 from models.advantages import AdaptiveKLController, FixedKLController
 from models.files import write_atomic
@@ -63,25 +65,17 @@ from models.seeding import derive_seed, stream_slice
 # placement layout and the cluster address may change).
 TRAJECTORY_FIELDS = ("seed", "algorithm", "group_size", "batch_size", "policy", "reward_model", "reward_function",
                      "rewards", "value_init", "sampling", "kl", "ppo", "loss", "ptx", "task", "prompts.source",
-                     "prompts.split", "mitigation")
+                     "prompts.split", "mitigation", "max_staleness")
 
 
 class StageFailed(RuntimeError):
     """A stage kept failing after `fault.max_stage_retries` restarts."""
 
 
-class StaleWeightsError(RuntimeError):
-    """A rollout was sampled with weights other than the policy's current ones."""
-
-
 def check_weights(metas: list[RolloutMeta], expected: WeightsInfo) -> None:
-    """Refuse any shard sampled with another weights version or checksum than the policy's (no silent staleness)."""
-    for i, m in enumerate(metas):
-        if (m.weight_version, m.weight_checksum) != (expected.version, expected.checksum):
-            raise StaleWeightsError(
-                f"weight_version: rollout shard {i} was sampled with weights version {m.weight_version} (checksum "
-                f"{m.weight_checksum[:12]}…), the policy is at version {expected.version} "
-                f"({expected.checksum[:12]}…); refusing it")
+    """Refuse any shard sampled with another weights version or checksum than the policy's (no silent staleness;
+    the synchronous case of `check_staleness`, max_staleness = 0)."""
+    check_staleness(metas, {expected.version: expected.checksum}, expected.version, 0)
 
 
 def _same_weights(infos: list[WeightsInfo], what: str) -> WeightsInfo:
@@ -132,7 +126,7 @@ class Batch:
     value: list[Any]
 
 
-class Controller:
+class Controller(AsyncRollouts):
     """Owns the groups, the KL controller, checkpoints and metrics. Used as a context manager by `jobs/ppo.run`."""
 
     def __init__(self, cfg: PPOJobConfig) -> None:
@@ -162,7 +156,7 @@ class Controller:
         self.start_iteration = 0
         self.tag: str | None = None  # checkpoint the workers reload on failure (None: their initial checkpoints)
         self.recoveries = 0
-        self.timings: dict[str, float] = {}
+        self._async_init()  # timings (a StageClock: durations and spans), rollouts in flight (max_staleness)
         self._prepare_run_dir()
 
     # --- run directory / resume -------------------------------------------------------------------------------
@@ -188,6 +182,7 @@ class Controller:
             self.start_iteration = int(state["iteration"])
             self.kl.load_state_dict(state["kl"])
             self.resumed_weights = WeightsInfo(**state["weights"])
+            self.resume_in_flight(state, self.start_iteration, self.resumed_weights.version)
             # Rows logged after this checkpoint by the interrupted run are redone now: drop them.
             rows = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= self.start_iteration]
             _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -482,6 +477,7 @@ class Controller:
         res = self._stage(it, "update", calls, during=gold)
         results: list[UpdateResult] = res["policy"][0]
         self.expected = _same_weights([r.weights for r in results], "update")
+        self.weights_seen()
         if self.rollout is not None:
             self._sync_rollout()
         return {**_mean([r.metrics for r in results]), **(_mean(res["value"][0]) if "value" in res else {})}
@@ -502,7 +498,8 @@ class Controller:
         state = {"iteration": it + 1, "kl": self.kl.state_dict(), "seed": self.cfg.seed,
                  "prompt_position": (it + 1) * self.cfg.batch_size,
                  "weights": {"version": self.expected.version, "checksum": self.expected.checksum},
-                 "replicas": {"policy": self.n_policy, "value": self.n_value}, "config": to_dict(self.cfg)}
+                 "replicas": {"policy": self.n_policy, "value": self.n_value}, "config": to_dict(self.cfg),
+                 **self.save_in_flight(it)}  # rollouts generated ahead (max_staleness >= 1), on disk
         _write_atomic(ctl_dir / f"{tag}.json", json.dumps(state, indent=1))
         self.tag = tag
         self.timings["checkpoint"] = time.perf_counter() - t0
@@ -528,6 +525,7 @@ class Controller:
             time_iteration=round(seconds, 4), samples_per_s=self.cfg.rows / max(work, 1e-9),
             rollout_bytes=self.rollout_bytes, recoveries=self.recoveries, weight_version=self.expected.version,
             rollout_workers=self.rollout_workers,
+            **self.staleness_metrics(),
             engine=self.cfg.engine if self.generator_role == "rollout" else "native")
         gold = "   n/a" if self.gold_reward is None else f"{self.gold_reward:+.3f}"
         print(f"[ppo] iter {it + 1}/{self.cfg.iterations}  gold {gold}  proxy {stats['proxy_reward']:+.3f}  "
