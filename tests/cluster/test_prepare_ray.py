@@ -3,6 +3,8 @@
 - The dataset (every file, compared byte for byte, meta.json included) is the same with 1 and 3 tokeniser
   actors spread over the two nodes, and the same as the in-process engine's; blocks are small so the three
   actors finish out of order.
+- `prepare` without an address starts its own embedded cluster even where `ray start` has left a cluster's
+  address in Ray's temp dir (bare `ray.init()` would join that cluster, then refuse `num_cpus`).
 - A pretraining run resumed from its mid-epoch step-4 checkpoint trains on the same data as the uninterrupted
   run (same losses, same final weights), reading row groups on demand from a dataset whose row groups are
   smaller than a batch's span of tokens.
@@ -11,8 +13,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +99,26 @@ def test_ray_prepare_identical_for_1_and_3_workers_and_local(cluster, corpus, to
     want = _files(tmp_path / "local")
     assert _files(tmp_path / "ray1") == want and _files(tmp_path / "ray3") == want
     assert lines and "docs/s" in lines[-1] and "tokens/s" in lines[-1] and "ray, 3 workers" in lines[-1]
+
+
+def test_embedded_prepare_ignores_an_advertised_cluster(cluster, corpus, tokenizer, tmp_path):
+    from jobs.data.tokens import prepare
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rgp-", dir="/tmp"))  # short: Ray's Unix sockets live under it
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(cluster.address)  # what `ray start --head` writes
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(ray_tmp)}
+        code = ("import sys; from jobs.data.tokens import prepare; "
+                "prepare(sys.argv[1], sys.argv[2], sys.argv[3], engine='ray', workers=1)")
+        r = subprocess.run([sys.executable, "-c", code, str(corpus), str(tokenizer), str(tmp_path / "ray")],
+                           env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                           timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    prepare(str(corpus), tokenizer, tmp_path / "local", engine="local")
+    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
 
 
 def _pretrain(dataset: Path, root: Path, name: str, **sets: object):
