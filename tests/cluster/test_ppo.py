@@ -121,6 +121,37 @@ def assert_same(got: tuple[list[dict], dict], want: tuple[list[dict], dict], rel
         torch.testing.assert_close(weights[k], ref_weights[k], rtol=rel, atol=0)
 
 
+def test_rollouts_are_read_zero_copy_from_the_object_store(ray_session) -> None:
+    """A consumer's rollout fields are read-only views of the store's shared memory: two reads of one object in a
+    consumer process see the same bytes (a copying read would give two buffers), and a write through them raises
+    and leaves the stored object as it was."""
+    import ray
+
+    from actors.rollout import Rollout
+
+    b, t = 64, 512  # 128 KiB of log-probs: kept in the shared-memory store, not inlined in the reply
+    r = Rollout(prompt_ids=torch.ones(b, 4, dtype=torch.long), prompt_mask=torch.ones(b, 4, dtype=torch.long),
+                response_ids=torch.ones(b, t, dtype=torch.long), action_mask=torch.ones(b, t, dtype=torch.long),
+                old_logprobs=torch.randn(b, t), row_index=torch.arange(b))
+
+    @ray.remote(num_cpus=0)
+    def consumer(refs: list[Any]) -> tuple[str, bool, str, float]:
+        from actors.rollout import RolloutError
+
+        first, second = ray.get(refs[0]), ray.get(refs[0])
+        try:
+            first.old_logprobs.mul_(2.0)
+            write = "allowed"
+        except RolloutError:
+            write = "refused"
+        return (type(first.old_logprobs).__name__, first.old_logprobs.data_ptr() == second.old_logprobs.data_ptr(),
+                write, float(ray.get(refs[0]).old_logprobs.sum()))
+
+    kind, shared, write, total = ray.get(consumer.remote([ray.put(r)]))
+    assert (kind, shared, write) == ("ReadOnlyTensor", True, "refused")
+    assert total == pytest.approx(float(r.old_logprobs.sum()), rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def reference_run(ray_session, art, runs_root) -> tuple[list[dict], dict]:
     # The reference run also proves there is no driver funnel: everything the controller `ray.get`s — stage
