@@ -142,13 +142,20 @@ def test_pool_grows_when_a_node_joins_and_shrinks_when_workers_are_lost(fixed_ru
 
 
 def test_too_few_workers_for_min_is_a_clear_error(cluster, art) -> None:
+    import ray
+
     from actors.groups import RolloutGroup
     from actors.rollout_worker import RolloutWorkerSpec
     from cluster.elastic import ElasticError
     from cluster.placement import ElasticRole
     from models.generation import SamplingParams
 
-    # The head's 4 CPUs (nothing else runs now) hold one 3-CPU worker; min asks for 2.
+    # The head's 4 CPUs (nothing else runs now) hold one 3-CPU worker; min asks for 2. The previous runs' placement
+    # groups are removed asynchronously: wait until their CPUs are back (a group that never goes is a leak).
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 4:
+        assert time.monotonic() < deadline, f"earlier runs still hold CPUs: {ray.available_resources()}"
+        time.sleep(0.5)
     group = RolloutGroup(RolloutWorkerSpec(art["sft"], SamplingParams(), eos_id=0), ElasticRole(2, 2, 3.0, 0.0),
                          name_prefix="too-few", timeout_s=3.0)
     try:

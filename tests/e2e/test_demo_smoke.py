@@ -53,7 +53,7 @@ def test_demo_artifacts_are_real(demo):
         assert (root / lm / "metrics.jsonl").stat().st_size > 0
     # monitor.every=1: the policy after iteration 1 evaluated on held-out prompts during training (issue 17)
     held = [r for r in map(json.loads, (root / "ppo" / "metrics.jsonl").read_text().splitlines()) if "heldout_kl" in r]
-    assert [r["heldout_iteration"] for r in held] == [1] and 0.0 <= held[0]["heldout_distinct2"] <= 1.0
+    assert [r["heldout_iteration"] for r in held] == [1] and held[0]["heldout_distinct2"] > 0.0
     GPT2ForSequenceClassification.from_pretrained(root / "rm" / "checkpoint")
     served = json.loads((root / "serve.json").read_text())
     assert served["completion"] and served["usage"]["completion_tokens"] >= 1
@@ -79,5 +79,6 @@ def test_demo_artifacts_are_real(demo):
     assert val("sft")[-1] < val("sft")[0] - 0.03
     assert ev["sft/ppl"] < ev["pretrained/ppl"] < 0.9 * 512
     ppo_rows = [json.loads(line) for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    ppo_rows = [r for r in ppo_rows if "iteration" in r]  # the training rows (the monitor's rows hold heldout_*)
     assert [r["iteration"] for r in ppo_rows] == [1, 2]
     assert all(abs(r["ptx_loss"] - val("sft")[-1]) < 0.5 for r in ppo_rows)
