@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from typing import Any
 
 from jobs.cli import JobSpec
@@ -42,7 +43,7 @@ def run(cfg: PPOJobConfig) -> dict[str, Any]:
             batch, stats = ctl.advantages(rollouts, ref_logprobs, scores, values)   # GAE | GRPO | RLOO | REINFORCE++
             update = ctl.update(it, batch, rollouts)                      # policy | value (PPO only), in parallel
             ctl.kl.update(stats["kl"], cfg.rows)                          # adaptive β (Ziegler et al. §2.2)
-            tag = ctl.checkpoint(it)
+            tag, update = ctl.checkpoint(it, update, redo=partial(ctl.update, it, batch, rollouts))
             ctl.log(it, stats, update, time.perf_counter() - t0)
             ctl.commit(tag)  # `latest` moves only after the row is on disk: a driver kill never skips a row
             if ctl.watch(it, stats):  # held-out eval every monitor.every; the stop rule (jobs/rl/monitor.py)

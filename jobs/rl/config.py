@@ -328,7 +328,8 @@ class PPOJobConfig:
 # stage → role → the worker method that runs it: what `fault.inject` arms (cluster/faults.py).
 STAGE_METHODS = {"generate": {"policy": "generate", "rollout": "generate"},
                  "score": {"reference": "compute_logprobs", "reward": "score", "value": "compute_values"},
-                 "update": {"policy": "update", "value": "update"}}
+                 "update": {"policy": "update", "value": "update"},
+                 "checkpoint": {"policy": "save", "value": "save"}}  # after the update: the iteration is redone
 
 
 def check_importable(path: str, field_name: str) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -326,6 +326,16 @@ class Controller(AsyncRollouts):
             group.ready()  # Ray restarts a crashed independent replica by itself (max_restarts): wait for it
         self._setup(role)
 
+    def _arm(self, it: int, stage: str, roles: Collection[str]) -> None:
+        """Arm the planned faults of this stage before submitting it: the worker crashes inside the stage's call."""
+        for fault in self.faults:
+            if (fault.iteration, fault.stage) == (it, stage) and fault not in self.fired and fault.role in roles:
+                self.fired.add(fault)
+                print(f"[ppo] fault injection: {fault.role}[0] will exit mid-call during {stage} of iteration {it}",
+                      flush=True)
+                # An update dies right after its first optimizer step, leaving half-updated weights behind.
+                self.groups[fault.role].arm_fault(fault.method, after_engine_steps=1 if stage == "update" else None)
+
     # --- stages -----------------------------------------------------------------------------------------------
     def _stage(self, it: int, stage: str, calls: dict[str, Callable[[], tuple[list[Any], Any]]],
                during: Callable[[], None] | None = None) -> dict[str, tuple[list[Any], Any]]:
@@ -334,13 +344,7 @@ class Controller(AsyncRollouts):
         Returns role → (waited results, outputs)."""
 
         t0 = time.perf_counter()
-        for fault in self.faults:  # arm before submitting: the worker crashes inside this stage's call
-            if (fault.iteration, fault.stage) == (it, stage) and fault not in self.fired and fault.role in calls:
-                self.fired.add(fault)
-                print(f"[ppo] fault injection: {fault.role}[0] will exit mid-call during {stage} of iteration {it}",
-                      flush=True)
-                # An update dies right after its first optimizer step, leaving half-updated weights behind.
-                self.groups[fault.role].arm_fault(fault.method, after_engine_steps=1 if stage == "update" else None)
+        self._arm(it, stage, calls)
         submitted = {role: call() for role, call in calls.items()}
         if during is not None:
             during()
@@ -483,16 +487,35 @@ class Controller(AsyncRollouts):
         return {**_mean([r.metrics for r in results]), **(_mean(res["value"][0]) if "value" in res else {})}
 
     # --- checkpoint / metrics ---------------------------------------------------------------------------------
-    def checkpoint(self, it: int) -> str:
+    def checkpoint(self, it: int, update: dict[str, float], redo: Callable[[], dict[str, float]]
+                   ) -> tuple[str, dict[str, float]]:
         """Save the engines and the controller state under a new tag; `commit` makes it `latest` once the
-        iteration's metrics row is written (a kill in between redoes the iteration on resume, never skips its row)."""
+        iteration's metrics row is written (a kill in between redoes the iteration on resume, never skips its row).
+
+        A trainer rank that dies after its update returned and before its save ended takes the iteration's
+        weights with it: every trainer group is reloaded from the last checkpoint and `redo` (this iteration's
+        update, same inputs and seeds) recomputes them before saving again. Returns (tag, the update's metrics)."""
         t0 = time.perf_counter()
         tag = f"iter-{it + 1:06d}"
         policy_dir, value_dir = self.state_dir / "policy", self.state_dir / "value"
-        saves = self.policy.save(str(policy_dir.resolve()), tag)
-        if self.value is not None:
-            saves += self.value.save(str(value_dir.resolve()), tag)
-        self.policy.get(saves)
+        self._arm(it, "checkpoint", self.groups)
+        for attempt in range(self.cfg.fault.max_stage_retries + 1):
+            saves = self.policy.save(str(policy_dir.resolve()), tag)
+            if self.value is not None:
+                saves += self.value.save(str(value_dir.resolve()), tag)
+            try:
+                self.policy.get(saves)
+                break
+            except (RayActorError, ActorUnavailableError, RayTaskError) as e:
+                if (isinstance(e, RayTaskError) and not self._member_lost(saves)) \
+                        or attempt == self.cfg.fault.max_stage_retries:
+                    raise
+                print(f"[ppo] iteration {it} checkpoint: a trainer worker was lost ({type(e).__name__}); reloading "
+                      f"the trainers from the last checkpoint and redoing this iteration's update", flush=True)
+                for role in ("policy", "value"):
+                    if role in self.groups:
+                        self._recover(role, timed_out=False)
+                update = redo()
         ctl_dir = self.state_dir / "controller"
         ctl_dir.mkdir(parents=True, exist_ok=True)
         state = {"iteration": it + 1, "kl": self.kl.state_dict(), "seed": self.cfg.seed,
@@ -503,7 +526,7 @@ class Controller(AsyncRollouts):
         _write_atomic(ctl_dir / f"{tag}.json", json.dumps(state, indent=1))
         self.tag = tag
         self.timings["checkpoint"] = time.perf_counter() - t0
-        return tag
+        return tag, update
 
     def commit(self, tag: str) -> None:
         """Point `latest` at `tag` (after its iteration's row is logged), then drop checkpoints beyond

@@ -302,9 +302,6 @@ def assert_same_ppo_run(run_dir: Path, ref_dir: Path) -> None:
 
 
 @pytest.mark.chaos
-@pytest.mark.xfail(strict=False, reason="known gap (docs/RELIABILITY.md): a policy/value rank killed after its update "
-                   "returned and before the checkpoint save ended is not recovered - Controller.checkpoint runs "
-                   "outside the stage recovery loop, and a reload would lose the iteration's update")
 def test_ppo_survives_each_role_actor_killed_from_outside(head, ppo_art) -> None:
     ref = ppo_reference(head, ppo_art)
     rng = random.Random(5)
