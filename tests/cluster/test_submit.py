@@ -93,9 +93,18 @@ def test_bad_spec_rejected_before_submission(head):
 
 
 def test_stop_and_status(head, tmp_path):
-    # A job that would run for minutes: the Shakespeare plays with a large vocabulary.
+    # A job that runs far longer than submit → stop takes: 24 MB of random letter-words (millions of distinct
+    # words) to 30,000 merges is ~35 s of BPE training on an idle 2-core box. (The Shakespeare plays were too quick
+    # on a loaded one: the job could finish before the stop arrived.)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    letters = rng.integers(97, 123, size=24_000_000, dtype=np.uint8)
+    letters[rng.random(letters.size) < 1 / 6] = 32
+    (tmp_path / "words.txt").write_bytes(letters.tobytes())
     r = _raygpt(head, "submit", "--no-wait", "--address", head["address"], "--", "tokenizer",
-                "--set", "vocab_size=30000", "--set", f"out={tmp_path / 'big.json'}")
+                "--set", f"corpus={tmp_path / 'words.txt'}", "--set", "vocab_size=30000",
+                "--set", f"out={tmp_path / 'big.json'}")
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.split()[-1]
     assert _raygpt(head, "stop", job_id, "--address", head["address"]).returncode == 0
