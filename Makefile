@@ -42,8 +42,9 @@ test: $(STAMP)
 	$(BIN)/lint-imports
 	mkdir -p .tmp/home
 	# Two test processes, one module each at a time (module fixtures stay whole): most cluster tests wait on Ray
-	# start-up, deployments and subprocess CLIs, so two overlap well on 2 cores (measured: 1541 s serial on CI before, 1126 s with two here, the new tests included). Each module's
-	# Ray cluster is its own (init_ray starts address="local"; head-node tests use their own temp dir).
+	# start-up, deployments and subprocess CLIs, so two overlap well on 2 cores (measured: 1541 s serial on CI
+	# before, 1126 s with two here, the new tests included). Each module's Ray cluster is its own (init_ray starts
+	# address="local"; head-node tests use their own temp dir).
 	HOME=$(CURDIR)/.tmp/home TMPDIR=$(CURDIR)/.tmp RAY_TMPDIR=/tmp/raygpt-ray $(BIN)/pytest -q -ra -n 2 --dist loadfile -m "not chaos" tests
 
 # The longer kill -9 variants from outside (docs/RELIABILITY.md): SFT, RM and PPO through the CLI, ~16 min on 2 cores.
