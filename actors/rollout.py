@@ -223,14 +223,56 @@ class Rollout:
 
     # --- object-store transfer --------------------------------------------------------------------------------
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        arrays = {k: v.detach().cpu().numpy() for k, v in self._tensors().items()}
+        arrays = {k: _to_pieces(v.detach().cpu().numpy()) for k, v in self._tensors().items()}
         return (_rebuild, (arrays, self.weight_version, self.weight_checksum, self.engine, self.exact_logprobs))
 
 
-def _rebuild(arrays: dict[str, np.ndarray], version: int, checksum: str, engine: str = "native",
+# Ray copies each out-of-band buffer over 1 MiB into the store with MEMCOPY_THREADS = 6 threads it spawns for that
+# buffer (ray/_raylet serialization.pxi); on a 2-core machine the spawns cost more than the copy: a 25 MB record as
+# 12 buffers of 2 MB puts at 4–6 GB/s, as 1 MiB pieces at 13–14 GB/s (docs/BENCHMARKS.md, object store). So a large
+# array is pickled as ≤ 1 MiB pieces — views, no copy — and Ray lays consecutive buffers whose sizes are multiples of
+# its 64-byte alignment end to end, so the reader sees one contiguous range and views it as the array again.
+PIECE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    """A C-contiguous array as consecutive ≤ PIECE_BYTES byte views (each a multiple of 64 bytes but the last)."""
+
+    pieces: tuple[np.ndarray, ...]
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _to_pieces(a: np.ndarray) -> np.ndarray | _Pieces:
+    if a.nbytes <= PIECE_BYTES:
+        return a
+    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)  # a view unless `a` was strided
+    return _Pieces(tuple(flat[i:i + PIECE_BYTES] for i in range(0, flat.size, PIECE_BYTES)), a.dtype.str, a.shape)
+
+
+def _from_pieces(p: np.ndarray | _Pieces) -> np.ndarray:
+    """The array again: a view over the pieces' memory when they lie end to end (read from the object store), else
+    one copy (e.g. pickled in-band, where each piece is its own bytes object)."""
+    if isinstance(p, np.ndarray):
+        return p
+    first, total = p.pieces[0], sum(x.size for x in p.pieces)
+    start = first.__array_interface__["data"][0]
+    ends = np.cumsum([x.size for x in p.pieces])
+    contiguous = all(x.__array_interface__["data"][0] == start + int(e) - x.size for x, e in zip(p.pieces, ends))
+    if contiguous:
+        # All pieces are slices of one Ray object, whose memory stays pinned while any of them is referenced; the
+        # view's base is `first`, so it keeps that pin.
+        flat = np.lib.stride_tricks.as_strided(first, shape=(total,), strides=(1,), writeable=False)
+    else:
+        flat = np.concatenate(p.pieces)
+    return flat.view(np.dtype(p.dtype)).reshape(p.shape)
+
+
+def _rebuild(arrays: dict[str, np.ndarray | _Pieces], version: int, checksum: str, engine: str = "native",
              exact_logprobs: bool = True) -> Rollout:
     # Arrays from the object store are read-only views of its shared memory: wrapped, not copied (zero-copy read).
-    tensors = {k: read_only(v) for k, v in arrays.items()}
+    tensors = {k: read_only(_from_pieces(v)) for k, v in arrays.items()}
     return Rollout(**tensors, weight_version=version, weight_checksum=checksum, engine=engine,
                    exact_logprobs=exact_logprobs)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,12 +125,14 @@ def assert_same(got: tuple[list[dict], dict], want: tuple[list[dict], dict], rel
 def test_rollouts_are_read_zero_copy_from_the_object_store(ray_session) -> None:
     """A consumer's rollout fields are read-only views of the store's shared memory: two reads of one object in a
     consumer process see the same bytes (a copying read would give two buffers), and a write through them raises
-    and leaves the stored object as it was."""
+    and leaves the stored object as it was. The record's large fields (> 1 MiB) travel as 1 MiB pieces
+    (actors/rollout.py `PIECE_BYTES`) and are read back as one view; a view whose ObjectRef is gone keeps the
+    object's memory pinned while the store is churned."""
     import ray
 
     from actors.rollout import Rollout
 
-    b, t = 64, 512  # 128 KiB of log-probs: kept in the shared-memory store, not inlined in the reply
+    b, t = 1024, 512  # 4 MiB of ids and mask, 2 MiB of log-probs: pieced, kept in the shared-memory store
     r = Rollout(prompt_ids=torch.ones(b, 4, dtype=torch.long), prompt_mask=torch.ones(b, 4, dtype=torch.long),
                 response_ids=torch.ones(b, t, dtype=torch.long), action_mask=torch.ones(b, t, dtype=torch.long),
                 old_logprobs=torch.randn(b, t), row_index=torch.arange(b))
@@ -144,12 +147,18 @@ def test_rollouts_are_read_zero_copy_from_the_object_store(ray_session) -> None:
             write = "allowed"
         except RolloutError:
             write = "refused"
+        own = ray.put(first)  # a second object only this consumer refers to
+        kept = ray.get(own).old_logprobs
+        del own  # now only the view `kept` pins that object's memory
+        for _ in range(16):  # churn the store with as many bytes again so a freed object's memory would be reused
+            ray.get(ray.put(np.full(1 << 20, 7.0, dtype=np.float32)))
         return (type(first.old_logprobs).__name__, first.old_logprobs.data_ptr() == second.old_logprobs.data_ptr(),
-                write, float(ray.get(refs[0]).old_logprobs.sum()))
+                write, float(ray.get(refs[0]).old_logprobs.sum()), float(kept.sum()))
 
-    kind, shared, write, total = ray.get(consumer.remote([ray.put(r)]))
+    kind, shared, write, total, kept = ray.get(consumer.remote([ray.put(r)]))
     assert (kind, shared, write) == ("ReadOnlyTensor", True, "refused")
     assert total == pytest.approx(float(r.old_logprobs.sum()), rel=1e-6)
+    assert kept == pytest.approx(float(r.old_logprobs.sum()), rel=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -269,3 +269,38 @@ def test_sampling_logprobs_equal_the_training_forward(temperature: float) -> Non
     with torch.no_grad():
         again = response_logprobs(response_logits(model, r), r, temperature)
     assert_close(again, r.old_logprobs, atol=1e-5, rtol=0)
+
+
+def test_large_fields_travel_as_pieces_and_are_read_back_as_one_view_without_a_copy() -> None:
+    """A field over 1 MiB is pickled as ≤ 1 MiB byte views (Ray copies each larger buffer with threads it spawns
+    per buffer). Laid end to end — as Ray lays 64-byte-multiple buffers in one object — they are read back as one
+    view over that memory; pickled in-band (plain pickle) they are joined by one copy. Both equal the original."""
+    from actors.rollout import PIECE_BYTES
+
+    b, t = 1024, 640  # old_logprobs 2.5 MiB (2 pieces and a half one), response_ids and action_mask 5 MiB each
+    g = torch.Generator().manual_seed(0)
+    r = Rollout(prompt_ids=torch.randint(1, 99, (b, 3), generator=g), prompt_mask=torch.ones(b, 3).long(),
+                response_ids=torch.randint(1, 99, (b, t), generator=g), action_mask=torch.ones(b, t).long(),
+                old_logprobs=torch.randn(b, t, generator=g), row_index=torch.arange(b))
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(r, protocol=5, buffer_callback=buffers.append)
+    sizes = [b_.raw().nbytes for b_ in buffers]
+    assert max(sizes) <= PIECE_BYTES and sizes.count(PIECE_BYTES) == 2 + 5 + 5
+    # one store buffer holding every piece end to end (each full piece is a multiple of 64 bytes)
+    arena = bytearray(sum(sizes))
+    views, offset = [], 0
+    for buf, n in zip(buffers, sizes):
+        arena[offset:offset + n] = buf.raw()
+        views.append(memoryview(arena)[offset:offset + n].toreadonly())
+        offset += n
+    shared = pickle.loads(data, buffers=views)
+    base = np.frombuffer(arena, dtype=np.uint8).ctypes.data
+    for name in ("response_ids", "action_mask", "old_logprobs", "prompt_ids"):
+        got = getattr(shared, name)
+        assert torch.equal(got, getattr(r, name)), name
+        assert base <= got.data_ptr() < base + len(arena), name  # a view into the arena, not a copy
+        assert isinstance(got, ReadOnlyTensor), name
+    with pytest.raises(RolloutError, match="read-only"):
+        shared.old_logprobs.add_(1.0)
+    back = pickle.loads(pickle.dumps(r))  # in-band: the pieces are separate bytes, joined by a copy
+    assert all(torch.equal(getattr(back, n), getattr(r, n)) for n in ("response_ids", "old_logprobs"))
