@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from actors.rollout import Rollout
 from models.checkpoint import Kind, load_checkpoint
-from models.generation import Generation, SamplingParams, generate, tempered_logprobs
+from models.generation import Generation, SamplingParams, generate, tempered_logprobs, tempered_logprobs_and_entropy
 from models.gpt import GPT
 
 
@@ -55,7 +55,16 @@ def response_logits(model: nn.Module, rollout: Rollout) -> Tensor:
 
 def response_logprobs(logits: Tensor, rollout: Rollout, temperature: float) -> Tensor:
     """(B, T) log softmax(logits / T)[a_t]; padding positions are zeroed."""
-    lp = tempered_logprobs(logits, rollout.response_ids.to(logits.device), temperature)
+    return _zero_padding(tempered_logprobs(logits, rollout.response_ids.to(logits.device), temperature), rollout)
+
+
+def response_logprobs_and_entropy(logits: Tensor, rollout: Rollout, temperature: float) -> tuple[Tensor, Tensor]:
+    """`response_logprobs` and the (B, T) entropy of the same distribution, in one pass over the vocabulary."""
+    lp, entropy = tempered_logprobs_and_entropy(logits, rollout.response_ids.to(logits.device), temperature)
+    return _zero_padding(lp, rollout), entropy
+
+
+def _zero_padding(lp: Tensor, rollout: Rollout) -> Tensor:
     return torch.where(rollout.action_mask.to(lp.device).bool(), lp, torch.zeros_like(lp))
 
 

@@ -27,6 +27,7 @@ from actors.base import (
     meta_of,
     response_logits,
     response_logprobs,
+    response_logprobs_and_entropy,
     sample_rollout,
     weights_checksum,
 )
@@ -42,8 +43,8 @@ from cluster.deepspeed_engine import (
 from cluster.worker_group import DistributedWorker
 from models import packed
 from models.advantages import KLKind
-from models.generation import SamplingParams, tempered
-from models.losses import LossAgg, entropy_from_logits, lm_loss, policy_loss
+from models.generation import SamplingParams
+from models.losses import LossAgg, lm_loss, policy_loss
 from models.masked import masked_mean
 from models.seeding import derive_seed
 
@@ -187,8 +188,7 @@ class PolicyWorker(DistributedWorker):
                 rows = perm[k * spec.minibatch_size:(k + 1) * spec.minibatch_size]
                 part = rollout.select(rows)
                 mask = part.action_mask.to(dev)
-                logits = response_logits(eng, part)
-                logprobs = response_logprobs(logits, part, temperature)
+                logprobs, entropy = response_logprobs_and_entropy(response_logits(eng, part), part, temperature)
                 ref = part.ref_logprobs.to(dev) if kl_coef and part.ref_logprobs is not None else None
                 loss, m = policy_loss(logprobs, part.old_logprobs.to(dev), part.advantages.to(dev), mask,
                                       spec.clip_eps, clip_low=spec.clip_low, clip_high=spec.clip_high,
@@ -197,9 +197,7 @@ class PolicyWorker(DistributedWorker):
                                       **({} if behaviour is None else
                                          {"behaviour_logprobs": behaviour.index_select(0, rows).to(dev),
                                           "behaviour_cap": spec.behaviour_cap}))
-                with torch.no_grad():
-                    entropy = entropy_from_logits(tempered(logits.float(), temperature))
-                    sums["entropy"] += float(masked_mean(entropy, mask))
+                sums["entropy"] += float(masked_mean(entropy.detach(), mask))
                 sums["pg_loss"] += float(loss.detach())
                 if spec.loss_agg == "token-mean":  # token mean over all ranks' minibatch rows, not per rank
                     loss = loss * global_token_scale(mask)

@@ -132,10 +132,11 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> tuple[torch.optim.O
     """torch AdamW over `param_groups` and the warmup + cosine schedule as a LambdaLR factor of `optim.lr`."""
     from models.schedules import warmup_cosine
 
-    # foreach: the multi-tensor update (torch's default on GPU only) — on CPU bit-identical to the per-parameter
-    # loop and ~2× faster for small models, where the step is ~1 kernel launch per parameter and formula term.
+    # fused: one kernel per parameter for the whole AdamW formula (torch ≥ 2.4 on CPU and CUDA) — for small models
+    # the step is otherwise ~1 kernel per parameter and formula term: 1.3 ms vs 3.7 ms (foreach) and 5.2 ms (the
+    # per-parameter loop) for `tiny` on one core; equal to the loop within float rounding (2e-7 after 30 steps).
     opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
-                            eps=optim.eps, foreach=True)
+                            eps=optim.eps, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, 1.0, optim.warmup_steps, optim.max_steps, optim.min_lr_ratio))
     return opt, sched

@@ -30,11 +30,14 @@ from models.sampling import (
     sample_next,
     tempered,
     tempered_logprobs,
+    tempered_logprobs_and_entropy,
     token_logprobs,
+    token_logprobs_and_entropy,
 )
 
 __all__ = ["Generation", "SamplingParams", "Seeds", "filter_logits", "generate", "left_pad", "row_seeds",
-           "sample_next", "stream", "tempered", "tempered_logprobs", "token_logprobs"]
+           "sample_next", "stream", "tempered", "tempered_logprobs", "tempered_logprobs_and_entropy",
+           "token_logprobs", "token_logprobs_and_entropy"]
 
 
 @dataclass

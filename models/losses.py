@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from models.advantages import KLKind, kl_penalty
 from models.masked import masked_mean, masked_sum
+from models.sampling import log_softmax_at
 
 Metrics = dict[str, torch.Tensor]
 
@@ -272,6 +273,8 @@ def value_loss(
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(logits) along the last axis: (..., V) → (...).
 
-    H = logsumexp(z) − Σ softmax(z)·z, which avoids log(0) for tokens with vanishing probability.
+    H = logsumexp(z) − Σ softmax(z)·z, which avoids log(0) for tokens with vanishing probability
+    (`models.sampling.log_softmax_at`, which also gives the log-prob of a token in the same pass).
     """
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    return log_softmax_at(logits, torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device),
+                          entropy=True)[1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,12 @@ def tempered_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Ten
     return token_logprobs(tempered(logits, temperature), tokens)
 
 
+def tempered_logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """`tempered_logprobs` and the entropy (nats) of the same tempered distribution, from one pass over the
+    vocabulary: logits (..., V), tokens (...) → ((...), (...)), fp32."""
+    return token_logprobs_and_entropy(tempered(logits, temperature), tokens)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Token lists → (ids (B, P), mask (B, P)) padded on the left, so the next token of every row is at -1."""
     if not prompts:
@@ -77,8 +84,66 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Ten
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     """log softmax(logits)[targets]: logits (..., V), targets (...) → (...). Computed in fp32."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return log_softmax_at(logits.float(), targets)[0]
+
+
+def token_logprobs_and_entropy(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """`token_logprobs` and the entropy of softmax(logits), fp32, in one pass over the vocabulary."""
+    return log_softmax_at(logits.float(), targets, entropy=True)
+
+
+def log_softmax_at(z: Tensor, targets: Tensor, entropy: bool = False) -> tuple[Tensor, Tensor]:
+    """(log softmax(z)[targets], H(softmax(z)) or an empty tensor): z (..., V), targets (...) → ((...), (...)) in
+    z's dtype. H = logsumexp(z) − Σ softmax(z)·z (no log 0 for tokens of vanishing probability). Both are
+    differentiable. The one place of both formulas (`models.losses.entropy_from_logits` is H alone)."""
+    logp, h = _LogSoftmaxAt.apply(z, targets, entropy)
+    return logp, h
+
+
+class _LogSoftmaxAt(torch.autograd.Function):
+    """log softmax(z)[a] (and, if asked, the entropy of softmax(z)) from one exp pass over the vocabulary.
+
+    Why not `F.log_softmax(z).gather(a)`: its autograd writes a (..., V) log-prob tensor, a zero-filled (..., V)
+    gather gradient and a (..., V) log-softmax gradient, and an entropy beside it two more (..., V) passes — for a
+    small model those vocabulary-wide passes were ~20% of a PPO step (docs/BENCHMARKS.md). Here: e = exp(z − m) once
+    (saved for the backward, as log_softmax saves its output), log p_a = z_a − m − log Σe,
+    ∂ log p_a/∂z = onehot(a) − p and ∂H/∂z = −p ⊙ (z − Σ p·z), with p = e / Σe. The same formula as torch's
+    log_softmax kernel, up to the order of the sum.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, targets: Tensor, entropy: bool) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)  # an unused output costs nothing in the backward
+        m = z.amax(-1, keepdim=True)
+        e = (z - m).exp_()
+        total = e.sum(-1, keepdim=True)
+        log_total = total.log()
+        logp = (z.gather(-1, targets.unsqueeze(-1)) - m - log_total).squeeze(-1)
+        if entropy:  # H = m + log Σe − Σ e·z / Σe; the dot product as a batched matmul: no (..., V) temporary
+            mean_z = (e.unsqueeze(-2) @ z.unsqueeze(-1)).squeeze(-1) / total  # Σ p·z, (..., 1)
+            h = (m + log_total - mean_z).squeeze(-1)
+            ctx.save_for_backward(e, total, targets, z, mean_z)
+        else:
+            h = logp.new_empty(0)
+            ctx.mark_non_differentiable(h)
+            ctx.save_for_backward(e, total, targets)
+        return logp, h
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp: Tensor | None, grad_h: Tensor | None) -> tuple[Tensor | None, None, None]:
+        e, total, targets, *rest = ctx.saved_tensors
+        if grad_logp is None and (grad_h is None or not rest):
+            return None, None, None
+        dz = None
+        if grad_logp is not None:
+            g = grad_logp.unsqueeze(-1)
+            dz = e * (-g / total)  # −g · p in one pass over (..., V)
+            dz.scatter_add_(-1, targets.unsqueeze(-1), g)  # + g at the taken token
+        if grad_h is not None and rest:
+            z, mean_z = rest
+            dh = (z - mean_z).mul_(e).mul_(-grad_h.unsqueeze(-1) / total)  # −g_H · p ⊙ (z − Σ p·z)
+            dz = dh if dz is None else dz.add_(dh)
+        return dz, None, None
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:

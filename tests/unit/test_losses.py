@@ -368,3 +368,32 @@ def test_ranked_pairs_enumerate_all_pairs_in_rank_order_on_cpu(k):
         order = ranking[n].tolist()
         expected = [(order[i], order[j]) for i, j in itertools.combinations(range(k), 2)]
         assert list(zip(chosen[n].tolist(), rejected[n].tolist())) == expected
+
+
+def test_log_softmax_at_equals_autograd_through_log_softmax_gather_and_the_entropy_formula():
+    """The one-pass log-prob/entropy function against the textbook ops it replaces: values, and gradients of any
+    mix of the two outputs (double precision, torch's gradcheck and a comparison with autograd of the plain ops)."""
+    from models.sampling import log_softmax_at, token_logprobs_and_entropy
+
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 3, 11, generator=gen, dtype=torch.float64) * 3
+    a = torch.randint(0, 11, (2, 3), generator=gen)
+    ga, gh = (torch.randn(2, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+
+    def plain(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(x, -1)
+        return logp.gather(-1, a.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+    for weights in ((1.0, 0.0), (0.0, 1.0), (1.0, 1.0)):
+        x1, x2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+        lp1, h1 = log_softmax_at(x1, a, entropy=True)
+        lp2, h2 = plain(x2)
+        assert_close(lp1, lp2)
+        assert_close(h1, h2)
+        ((weights[0] * ga * lp1).sum() + (weights[1] * gh * h1).sum()).backward()
+        ((weights[0] * ga * lp2).sum() + (weights[1] * gh * h2).sum()).backward()
+        assert_close(x1.grad, x2.grad)
+    assert torch.autograd.gradcheck(lambda x: log_softmax_at(x, a, entropy=True), (z.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda x: log_softmax_at(x, a)[0], (z.clone().requires_grad_(),))
+    lp32, h32 = token_logprobs_and_entropy(z.half(), a)  # fp32 whatever the logits' dtype
+    assert lp32.dtype == h32.dtype == torch.float32
