@@ -50,20 +50,53 @@ def tree_rss(pid: int | None = None) -> int:
     return total
 
 
+def tree_cpu(seen: dict[int, float], pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) of a process and its descendants, including those that exited
+    since the last call (`seen`: pid → its last CPU time, updated here)."""
+    try:
+        root = psutil.Process(pid or os.getpid())
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return sum(seen.values())
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            seen[p.pid] = max(seen.get(p.pid, 0.0), t.user + t.system)
+        except psutil.Error:
+            pass
+    return sum(seen.values())
+
+
 class PeakRSS:
     """Context manager sampling the tree RSS every `interval` s; `.peak_gib` after exit. Also counts every
-    process whose command line mentions ray's raylet/gcs_server started by us (they are children)."""
+    process whose command line mentions ray's raylet/gcs_server started by us (they are children). With
+    `cpu=True` it also samples the tree's cumulative CPU seconds: `cpu_between(t0, t1)` (wall-clock times)."""
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, interval: float = 0.2, cpu: bool = False) -> None:
         self.interval = interval
         self.peak = 0
+        self.cpu_samples: list[tuple[float, float]] = []  # (time.time(), tree CPU seconds so far)
+        self._cpu = cpu
+        self._seen: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, tree_rss())
+            if self._cpu:
+                self.cpu_samples.append((time.time(), tree_cpu(self._seen)))
             self._stop.wait(self.interval)
+
+    def cpu_between(self, t0: float, t1: float) -> float:
+        """Tree CPU seconds spent between wall-clock times t0 < t1 (linear between samples)."""
+        def at(t: float) -> float:
+            pts = self.cpu_samples
+            for (ta, ca), (tb, cb) in zip(pts, pts[1:]):
+                if ta <= t <= tb:
+                    return ca + (cb - ca) * (t - ta) / max(tb - ta, 1e-9)
+            raise ValueError(f"time {t} outside the sampled span")
+        return at(t1) - at(t0)
 
     def __enter__(self) -> PeakRSS:
         self._thread.start()

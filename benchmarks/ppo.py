@@ -72,16 +72,20 @@ def part_raygpt(art: dict[str, str], root: Path, extra: dict[str, Any] | None = 
         merge(fields, key.split("."), value)
     cfg = from_dict(PPOJobConfig, fields)
     t0 = time.perf_counter()
-    with PeakRSS() as rss:
+    with PeakRSS(interval=0.05, cpu=True) as rss:
         run(cfg)
-    rows = read_metrics(root / "runs" / "bench")[1:]  # drop the warm-up iteration
+    all_rows = read_metrics(root / "runs" / "bench")
+    rows = all_rows[1:]  # drop the warm-up iteration
+    # CPU seconds of the whole tree (driver, Ray's daemons, every actor) per iteration over iterations 2…N: each
+    # row's `time` is written when its iteration ends
+    cpu = rss.cpu_between(all_rows[0]["time"], all_rows[-1]["time"]) / len(rows)
     work = [sum(r[f"time_{s}"] for s in ("generate", "score", "advantages", "update")) for r in rows]
     return {"iteration_s": statistics.median(work),
             "checkpoint_s": statistics.median(r["time_checkpoint"] for r in rows),
             "stages_s": {s: statistics.median(r[f"time_{s}"] for r in rows)
                          for s in ("generate", "score", "advantages", "update")},
             "rollout_bytes": rows[-1]["rollout_bytes"], "wall_s": time.perf_counter() - t0, "peak_gib": rss.peak_gib,
-            "iteration_wall_s": statistics.median(r["time_iteration"] for r in rows)}
+            "iteration_wall_s": statistics.median(r["time_iteration"] for r in rows), "cpu_s": cpu}
 
 
 # --- TRL ------------------------------------------------------------------------------------------------------
@@ -105,10 +109,12 @@ def part_trl(art: dict[str, str], root: Path, threads: int = 2) -> dict[str, Any
     prompts = Path(art["prompts"]).read_text().splitlines()
     data = Dataset.from_dict({"input_ids": [tok.encode(p) for p in prompts]})
     stamps: list[float] = []
+    cpu: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             stamps.append(time.perf_counter())
+            cpu.append(time.process_time())  # one process: its CPU seconds over all its threads
 
     # TRL 1.12: rollout batch = per_device_train_batch_size × gradient_accumulation_steps, minibatch = batch /
     # num_mini_batches, one optimizer step per `gradient_accumulation_steps` micro-batches of per_device rows. So
@@ -131,7 +137,8 @@ def part_trl(art: dict[str, str], root: Path, threads: int = 2) -> dict[str, Any
         trainer.train()
     steps = [b - a for a, b in zip([start, *stamps], stamps)][1:]
     return {"iteration_s": statistics.median(steps), "iterations": len(stamps), "wall_s": time.perf_counter() - t0,
-            "peak_gib": rss.peak_gib, "threads": torch.get_num_threads()}
+            "peak_gib": rss.peak_gib, "threads": torch.get_num_threads(),
+            "cpu_s": (cpu[-1] - cpu[0]) / (len(cpu) - 1)}
 
 
 # --- object store ----------------------------------------------------------------------------------------------
@@ -258,6 +265,10 @@ def main(argv: list[str] | None = None) -> None:
         f"| `raygpt ppo` | {ours_sps:.1f} | {ours['iteration_s']:.2f} | {ours['peak_gib']:.2f} GiB (driver + GCS, "
         f"raylet, 4 actors) |\n\n"
         f"Ratio raygpt / TRL: **{ratio:.2f}×**. "
+        f"CPU time per iteration (iterations 2–{ITERATIONS}, every process and thread): TRL {trl['cpu_s']:.2f} "
+        f"CPU-s, raygpt {ours['cpu_s']:.2f} CPU-s (driver, Ray's daemons and the 4 actors); on {os.cpu_count()} "
+        f"cores a raygpt iteration cannot take less than {ours['cpu_s'] / (os.cpu_count() or 1):.2f} s, so with "
+        f"this work the ratio is at most {trl['iteration_s'] * (os.cpu_count() or 1) / ours['cpu_s']:.2f}×. "
         f"raygpt stages: generate {st['generate']:.2f} s, score "
         f"{st['score']:.2f} s, advantages {st['advantages']:.2f} s, update {st['update']:.2f} s; the per-iteration "
         f"checkpoint (policy + value engines with optimizer state) adds {ours['checkpoint_s']:.2f} s. Wall time incl. "
