@@ -25,8 +25,11 @@ from jobs.config import from_dict
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 HELDOUT = 64
-# Thresholds below the measured values (seed 0, 2-core CPU; one seed's runs are identical): GRPO win rate 0.820,
-# gold 0.098 → 0.427, held-out KL 5.05 nats; DPO win rate 0.805, gold 0.098 → 0.511, KL 4.09 nats — the same
+# Thresholds below the measured values (seed 0, 2-core CPU; one seed's runs are identical): GRPO (policy lr 6e-4,
+# β 0.1) win rate 0.781, gold 0.098 → 0.454, held-out KL 3.88 nats — at lr 1e-3 / β 0.05 it had measured 0.820,
+# 0.427, 5.05 nats, then 7.8 nats after float-rounding-level changes (a fused AdamW kernel, a one-pass log-prob):
+# that KL was still rising fast at the last iteration, so the test now runs where it has margin; DPO win rate
+# 0.805, gold 0.098 → 0.511, KL 4.09 nats — the same
 # to the last printed digit with and without the killed worker (exact resume). With the same fixture,
 # PPO/RLOO/REINFORCE++ at policy_lr 2e-3 reached win rates 0.88/0.87/0.88 but KL 9.5/10.0/11.6 nats
 # (docs/BENCHMARKS.md). Runtime ≈ 3.7 min on 2 busy cores (fixture 108 s, GRPO 18 s, DPO 92 s).
@@ -54,7 +57,7 @@ def learned(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
 
 
 def test_grpo_beats_sft_by_the_labeller_optimising_the_learned_rm(learned: dict[str, Any], tmp_path: Path) -> None:
-    """GRPO as Shao et al. 2024 (group-normalised advantage, sequence-mean loss, k3 KL term with β = 0.05), 16 prompts
+    """GRPO as Shao et al. 2024 (group-normalised advantage, sequence-mean loss, k3 KL term with β = 0.1), 16 prompts
     × 4 samples per iteration, 16 iterations, against the learned reward model alone (a one-term `rewards` list)."""
     from jobs.ppo import run
     from jobs.rl.config import PPOJobConfig
@@ -63,8 +66,8 @@ def test_grpo_beats_sft_by_the_labeller_optimising_the_learned_rm(learned: dict[
         "name": "grpo", "runs_root": str(tmp_path), "seed": 0, "algorithm": "grpo", "group_size": 4,
         "iterations": 16, "batch_size": 16, "policy": learned["sft"], "reward_model": None,
         "rewards": [{"model": learned["rm"]}], "gold": "task", "sampling": {"max_new_tokens": 10},
-        "kl": {"init_beta": 0.05}, "ptx": {"coef": 0.0},
-        "ppo": {"epochs": 4, "minibatch_size": 16, "policy_lr": 1e-3},
+        "kl": {"init_beta": 0.1}, "ptx": {"coef": 0.0},
+        "ppo": {"epochs": 4, "minibatch_size": 16, "policy_lr": 6e-4},
         "prompts": {"source": "task", "eval_size": HELDOUT}, "placement": {"cpus_per_worker": 0.25},
     })
     assert "value" not in cfg.placement_spec().roles
