@@ -57,6 +57,7 @@ class PPOUpdateSpec:
     minibatch_size: int = 4  # rows per rank per optimizer step
     clip_eps: float = 0.2  # ε of the clipped surrogate
     ptx_coef: float = 0.0  # γ of PPO-ptx (0 = plain PPO)
+    entropy_coef: float = 0.0  # c₂ of PPO's entropy bonus (Schulman et al. 2017 eq. 9; 0 = off)
     seed: int = 0
     # Loss variants (models/losses.py `policy_loss`; docs/ALGORITHMS.md): DAPO's clip-higher, the aggregation
     # (token-mean: PPO, DAPO, RLOO, REINFORCE++; seq-mean-token-mean: GRPO; seq-mean-token-sum-norm: Dr. GRPO
@@ -197,8 +198,11 @@ class PolicyWorker(DistributedWorker):
                                       **({} if behaviour is None else
                                          {"behaviour_logprobs": behaviour.index_select(0, rows).to(dev),
                                           "behaviour_cap": spec.behaviour_cap}))
-                sums["entropy"] += float(masked_mean(entropy.detach(), mask))
+                mean_entropy = masked_mean(entropy, mask)
+                sums["entropy"] += float(mean_entropy.detach())
                 sums["pg_loss"] += float(loss.detach())
+                if spec.entropy_coef:  # L_CLIP − c₂·S[π] (Schulman et al. 2017 eq. 9): keeps the policy spread
+                    loss = loss - spec.entropy_coef * mean_entropy
                 if spec.loss_agg == "token-mean":  # token mean over all ranks' minibatch rows, not per rank
                     loss = loss * global_token_scale(mask)
                 # The sequence means need nothing: every rank holds the same number of rows, so DeepSpeed's

@@ -60,6 +60,8 @@ class PPOConfig:
     weight_decay: float = field(0.0, help="AdamW weight decay of policy and value (matrices only, as in every "
                                           "engine: cluster/deepspeed_engine.py)")
     grad_clip: float = field(1.0, help="gradient-norm clip (0 = off)")
+    entropy_coef: float = field(0.0, help="c₂ of PPO's entropy bonus (Schulman et al. 2017 eq. 9): the policy loss "
+                                          "minus c₂ · the token-mean entropy of π (0 = off, as in TRL)")
     zero_stage: int = field(0, help="DeepSpeed ZeRO stage of policy and value (0-3; 3 needs rollout workers)")
     precision: Literal["auto", "fp32", "bf16"] = field("auto", help="auto = bf16 on GPU, fp32 on CPU")
 
@@ -236,6 +238,8 @@ class PPOJobConfig:
                                   f"{self.ppo.minibatch_size}")
         if self.ptx.coef < 0:
             raise ConfigError(f"ptx.coef: must be >= 0, got {self.ptx.coef}")
+        if not self.ppo.entropy_coef >= 0:
+            raise ConfigError(f"ppo.entropy_coef: must be >= 0, got {self.ppo.entropy_coef}")
         if self.ptx.coef > 0 and self.ptx.batch_size % spec.roles["policy"].replicas:
             raise ConfigError(f"ptx.batch_size: {self.ptx.batch_size} is not divisible by the policy replicas")
         if self.ppo.zero_stage == 3 and self.generators(spec)[0] == "policy":
@@ -385,7 +389,8 @@ def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: in
     return RoleSpecs(
         policy=PolicySpec(policy_dir, policy_engine, sampling, eos_id,
                           PPOUpdateSpec(epochs=p.epochs, minibatch_size=p.minibatch_size // n_policy, clip_eps=p.clip,
-                                        ptx_coef=cfg.ptx.coef, seed=cfg.seed, clip_low=cfg.loss.clip_low,
+                                        ptx_coef=cfg.ptx.coef, entropy_coef=p.entropy_coef, seed=cfg.seed,
+                                        clip_low=cfg.loss.clip_low,
                                         clip_high=cfg.loss.clip_high, loss_agg=agg,
                                         max_response_len=norm,
                                         behaviour_cap=cfg.loss.behaviour_cap if cfg.max_staleness else None)),

@@ -7,7 +7,7 @@
 - its weights after one optimizer step equal a hand-written AdamW step (Loshchilov & Hutter 2019, Alg. 2, first
   step: p ← p − lr · m̂/(√v̂+ε)) on the gradient of surrogate + γ · that hand-written cross entropy, for γ = 0
   and γ = 0.5, so the coefficient demonstrably enters the update with its value (and γ = 0 with a ptx batch equals
-  no ptx at all).
+  no ptx at all); likewise for the entropy bonus − c₂ · H (ppo.entropy_coef) against a hand-written entropy.
 """
 
 from __future__ import annotations
@@ -48,16 +48,21 @@ def _rollout(model: Any) -> Any:
     return r.replace(old_logprobs=old, advantages=torch.randn(4, 5, generator=g) * mask)
 
 
-def _hand_update(path: str, rollout: Any, block: torch.Tensor, gamma: float) -> dict[str, torch.Tensor]:
-    """One AdamW step (weight decay 0, no clipping) on surrogate + γ·hand CE, from the checkpoint's weights."""
+def _hand_update(path: str, rollout: Any, block: torch.Tensor, gamma: float, entropy: float = 0.0
+                 ) -> dict[str, torch.Tensor]:
+    """One AdamW step (weight decay 0, no clipping) on surrogate + γ·hand CE − c₂·hand entropy (token mean over the
+    response tokens, −Σ p log p in float64), from the checkpoint's weights."""
     from actors.base import load_model, response_logits, response_logprobs
     from models.losses import policy_loss
 
     model = load_model(path, "lm")
     mask = rollout.action_mask
-    pg, _ = policy_loss(response_logprobs(response_logits(model, rollout), rollout, 1.0), rollout.old_logprobs,
-                        rollout.advantages, mask, 0.2)
+    logits = response_logits(model, rollout)
+    pg, _ = policy_loss(response_logprobs(logits, rollout, 1.0), rollout.old_logprobs, rollout.advantages, mask, 0.2)
     loss = pg + gamma * hand_lm_loss(model, block).float() if gamma else pg
+    if entropy:
+        logp = logits.double() - logits.double().exp().sum(-1, keepdim=True).log()
+        loss = loss - entropy * (-(logp.exp() * logp).sum(-1))[mask.bool()].mean().float()
     loss.backward()
     out = {}
     with torch.no_grad():
@@ -88,11 +93,12 @@ def _worker(path: str, store: str, results: Any, errors: Any) -> None:
         ptx = block.numpy()[None].astype(np.int64)  # (steps=1, rows=2, block+1=9)
         with torch.no_grad():
             out: dict[str, Any] = {"hand_ce": float(hand_lm_loss(load_model(path, "lm"), block))}
-        for name, gamma, batch in (("g0", 0.0, ptx), ("g05", 0.5, ptx), ("g2", 2.0, ptx), ("none", 0.5, None)):
+        for name, gamma, batch, ent in (("g0", 0.0, ptx, 0.0), ("g05", 0.5, ptx, 0.0), ("g2", 2.0, ptx, 0.0),
+                                        ("none", 0.5, None, 0.0), ("ent", 0.0, None, 0.5)):
             optim = OptimConfig(lr=LR, min_lr_ratio=1.0, warmup_steps=0, max_steps=1, weight_decay=0.0,
                                 betas=list(BETAS), eps=EPS, grad_clip=0.0, micro_batch_size=4, grad_accum=1)
             spec = PolicySpec(path, EngineSpec(optim, precision="fp32"), SamplingParams(temperature=1.0), 0,
-                              PPOUpdateSpec(epochs=1, minibatch_size=4, ptx_coef=gamma))
+                              PPOUpdateSpec(epochs=1, minibatch_size=4, ptx_coef=gamma, entropy_coef=ent))
             worker = PolicyWorker(spec)
             worker.setup()
             res = worker.update(rollout, batch, iteration=0)
@@ -100,6 +106,7 @@ def _worker(path: str, store: str, results: Any, errors: Any) -> None:
             out[name] = (res.metrics, {k: v.numpy() for k, v in weights.items()})
         out["hand_g0"] = {k: v.numpy() for k, v in _hand_update(path, rollout, block, 0.0).items()}
         out["hand_g05"] = {k: v.numpy() for k, v in _hand_update(path, rollout, block, 0.5).items()}
+        out["hand_ent"] = {k: v.numpy() for k, v in _hand_update(path, rollout, block, 0.0, entropy=0.5).items()}
         results.put(out)
         dist.destroy_process_group()
     except BaseException:
@@ -134,7 +141,8 @@ def test_ptx_loss_is_the_lm_loss_and_its_coefficient_scales_its_share_of_the_upd
     for name, w in out["g0"][1].items():
         assert (w == out["none"][1][name]).all(), name
     # the update equals the hand-written AdamW step on surrogate + γ·CE, for both γ
-    for name, hand in (("g0", "hand_g0"), ("g05", "hand_g05")):
+    # ... and PPO's entropy bonus (ppo.entropy_coef, Schulman et al. 2017 eq. 9) enters it as − c₂ · token-mean H
+    for name, hand in (("g0", "hand_g0"), ("g05", "hand_g05"), ("ent", "hand_ent")):
         weights = out[name][1]
         ref = out[hand]
         assert set(ref) <= set(weights) and len(ref) > 10
@@ -143,5 +151,5 @@ def test_ptx_loss_is_the_lm_loss_and_its_coefficient_scales_its_share_of_the_upd
                                        msg=lambda m, k=k, n=name: f"{n} {k}: {m}")
     # and the coefficient moves the weights: γ = 0, 0.5 and 2 give three different policies
     wte = "transformer.wte.weight"
-    deltas = [abs(out[a][1][wte] - out[b][1][wte]).max() for a, b in (("g0", "g05"), ("g05", "g2"))]
+    deltas = [abs(out[a][1][wte] - out[b][1][wte]).max() for a, b in (("g0", "g05"), ("g05", "g2"), ("g0", "ent"))]
     assert min(deltas) > 1e-4, deltas

@@ -54,6 +54,8 @@ def test_layout_is_chosen_by_config_alone_and_errors_name_the_field() -> None:
         from_dict(PPOJobConfig, {**base, "ppo": {"minibatch_size": 6}, "placement": {"replicas": {"policy": 4}}})
     with pytest.raises(ConfigError, match="ppo.zero_stage: stage 3"):
         from_dict(PPOJobConfig, {**base, "ppo": {"zero_stage": 3}})
+    with pytest.raises(ConfigError, match="ppo.entropy_coef: must be >= 0, got -0.1"):
+        from_dict(PPOJobConfig, {**base, "ppo": {"entropy_coef": -0.1}})
     with pytest.raises(ConfigError, match="fault.inject"):
         from_dict(PPOJobConfig, {**base, "fault": {"inject": ["value:one:score"]}})
     with pytest.raises(ConfigError, match="reward_model: give exactly one"):
