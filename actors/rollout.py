@@ -256,10 +256,11 @@ def _from_pieces(p: np.ndarray | _Pieces) -> np.ndarray:
     one copy (e.g. pickled in-band, where each piece is its own bytes object)."""
     if isinstance(p, np.ndarray):
         return p
-    first, total = p.pieces[0], sum(x.size for x in p.pieces)
-    start = first.__array_interface__["data"][0]
-    ends = np.cumsum([x.size for x in p.pieces])
-    contiguous = all(x.__array_interface__["data"][0] == start + int(e) - x.size for x, e in zip(p.pieces, ends))
+    first, offset, contiguous = p.pieces[0], p.pieces[0].__array_interface__["data"][0], True
+    for x in p.pieces:
+        contiguous = contiguous and x.__array_interface__["data"][0] == offset
+        offset += x.size
+    total = sum(x.size for x in p.pieces)
     if contiguous:
         # All pieces are slices of one Ray object, whose memory stays pinned while any of them is referenced; the
         # view's base is `first`, so it keeps that pin.

@@ -34,15 +34,19 @@ def machine() -> str:
             f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}")
 
 
-def tree_rss(pid: int | None = None) -> int:
-    """Resident bytes of a process and all its descendants."""
+def process_tree(pid: int | None = None) -> list[psutil.Process]:
+    """A process and all its descendants ([] if it is gone)."""
     try:
         root = psutil.Process(pid or os.getpid())
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0
+        return []
+
+
+def tree_rss(pid: int | None = None) -> int:
+    """Resident bytes of a process and all its descendants."""
     total = 0
-    for p in procs:
+    for p in process_tree(pid):
         try:
             total += p.memory_info().rss
         except psutil.Error:
@@ -53,12 +57,7 @@ def tree_rss(pid: int | None = None) -> int:
 def tree_cpu(seen: dict[int, float], pid: int | None = None) -> float:
     """CPU seconds (user + system, all threads) of a process and its descendants, including those that exited
     since the last call (`seen`: pid → its last CPU time, updated here)."""
-    try:
-        root = psutil.Process(pid or os.getpid())
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return sum(seen.values())
-    for p in procs:
+    for p in process_tree(pid):
         try:
             t = p.cpu_times()
             seen[p.pid] = max(seen.get(p.pid, 0.0), t.user + t.system)

@@ -122,7 +122,9 @@ class _LogSoftmaxAt(torch.autograd.Function):
         if entropy:  # H = m + log Σe − Σ e·z / Σe; the dot product as a batched matmul: no (..., V) temporary
             mean_z = (e.unsqueeze(-2) @ z.unsqueeze(-1)).squeeze(-1) / total  # Σ p·z, (..., 1)
             h = (m + log_total - mean_z).squeeze(-1)
-            ctx.save_for_backward(e, total, targets, z, mean_z)
+            # z itself is not kept (a second (..., V) tensor for every step, wanted or not): the backward rebuilds
+            # p ⊙ (z − Σ p·z) from e, as (e·log e + e·(m − Σ p·z)) / Σe, since z = log e + m.
+            ctx.save_for_backward(e, total, targets, m - mean_z)
         else:
             h = logp.new_empty(0)
             ctx.mark_non_differentiable(h)
@@ -140,8 +142,9 @@ class _LogSoftmaxAt(torch.autograd.Function):
             dz = e * (-g / total)  # −g · p in one pass over (..., V)
             dz.scatter_add_(-1, targets.unsqueeze(-1), g)  # + g at the taken token
         if grad_h is not None and rest:
-            z, mean_z = rest
-            dh = (z - mean_z).mul_(e).mul_(-grad_h.unsqueeze(-1) / total)  # −g_H · p ⊙ (z − Σ p·z)
+            (shift,) = rest  # m − Σ p·z, (..., 1)
+            # −g_H · p ⊙ (z − Σ p·z); xlogy: e·log e = 0 where e underflowed to 0
+            dh = torch.special.xlogy(e, e).add_(e * shift).mul_(-grad_h.unsqueeze(-1) / total)
             dz = dh if dz is None else dz.add_(dh)
         return dz, None, None
 
