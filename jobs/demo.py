@@ -40,6 +40,7 @@ from cluster.runtime import init_ray, is_embedded, shutdown_ray
 from jobs.cli import Arg, JobSpec, resolve_job
 from jobs.config import ConfigError, deep_merge, dump_yaml, field, from_dict, to_dict
 from jobs.report import write_report
+from jobs.rl.config import PPOJobConfig
 from jobs.serving.app import API_KEY_ENV, ServeConfig, build_app
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -131,18 +132,22 @@ class Stage:
     only: str | None = None  # run only when this algorithm is in DemoConfig.algorithms
 
 
-# What `--algorithms` may add to PPO, with stage defaults: GRPO/RLOO sample 4 responses to each of 8 prompts, PPO's
-# 32 responses per iteration (REINFORCE++ needs no groups).
-EXTRA_ALGORITHMS: dict[str, dict[str, Any]] = {"grpo": {"algorithm": "grpo", "group_size": 4, "batch_size": 8},
-                                               "rloo": {"algorithm": "rloo", "group_size": 4, "batch_size": 8},
+# What `--algorithms` may add to PPO, with stage defaults. Every online algorithm consumes PPO's responses per
+# iteration (the demo's `ppo.batch_size`): GRPO/RLOO as groups of 4 samples of batch_size / 4 prompts, REINFORCE++
+# as one sample of each of batch_size prompts.
+EXTRA_ALGORITHMS: dict[str, dict[str, Any]] = {"grpo": {"algorithm": "grpo", "group_size": 4},
+                                               "rloo": {"algorithm": "rloo", "group_size": 4},
                                                "reinforce_pp": {"algorithm": "reinforce_pp"}, "dpo": {}}
 
 
 def _online(name: str) -> Stage:
     def wire(c: DemoConfig) -> dict[str, Any]:
         # Same SFT, RM, pretraining mix and every other PPO-stage setting, so only the algorithm differs.
+        extra = EXTRA_ALGORITHMS[name]
+        rows = int(c.ppo.get("batch_size", PPOJobConfig.batch_size))
+        group = int(extra.get("group_size", 1))
         return deep_merge({**_run_named(name)(c), "policy": _paths(c)["sft"], "reward_model": _paths(c)["rm"],
-                           "ptx": {"data": _paths(c)["data"]}, **EXTRA_ALGORITHMS[name]},
+                           "ptx": {"data": _paths(c)["data"]}, **extra, "batch_size": max(1, rows // group)},
                           {k: v for k, v in c.ppo.items() if k not in ("name", "algorithm", "group_size",
                                                                           "batch_size")})
     return Stage(name, f"{name} on Ray actors (critic-free: policy, reference, reward)", wire, job="ppo", only=name)

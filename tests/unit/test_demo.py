@@ -44,9 +44,16 @@ def test_algorithms_run_from_the_same_sft_and_rm_and_are_all_evaluated():
     for a in ("grpo", "rloo", "reinforce_pp"):
         c = planned[a]
         assert (c.algorithm, c.name, c.policy, c.reward_model) == (a, a, "/r/d/sft/checkpoint", "/r/d/rm/checkpoint")
-        assert c.rows == planned["ppo"].rows == 32 and c.iterations == planned["ppo"].iterations
+        assert c.rows == planned["ppo"].rows and c.iterations == planned["ppo"].iterations
         assert "value" not in c.placement_spec().roles  # critic-free
     assert planned["grpo"].group_size == planned["rloo"].group_size == 4
+    assert planned["grpo"].batch_size * 4 == planned["reinforce_pp"].batch_size == planned["ppo"].batch_size
+    # a demo whose PPO consumes another number of responses per iteration: every algorithm follows it
+    other, _ = demo.JOB.parse(["--config", str(demo.DEFAULT_CONFIG), "--algorithms", "ppo,grpo,reinforce_pp",
+                               "--set", "ppo.batch_size=48"])
+    rows = {p.stage.name: p.cfg.rows for p in demo.plan_stages(other) if p.stage.name in ("ppo", "grpo",
+                                                                                          "reinforce_pp")}
+    assert rows == {"ppo": 48, "grpo": 48, "reinforce_pp": 48}
     assert (planned["dpo"].init_from, planned["dpo"].comparisons) == ("/r/d/sft/checkpoint", "/r/d/comparisons")
     assert planned["eval"].models == {"pretrained": "/r/d/pretrain/checkpoint", "sft": "/r/d/sft/checkpoint",
                                       **{a: f"/r/d/{a}/checkpoint" for a in
