@@ -132,22 +132,18 @@ class Stage:
     only: str | None = None  # run only when this algorithm is in DemoConfig.algorithms
 
 
-# What `--algorithms` may add to PPO, with stage defaults. Every online algorithm consumes PPO's responses per
-# iteration (the demo's `ppo.batch_size`): GRPO/RLOO as groups of 4 samples of batch_size / 4 prompts, REINFORCE++
-# as one sample of each of batch_size prompts.
-EXTRA_ALGORITHMS: dict[str, dict[str, Any]] = {"grpo": {"algorithm": "grpo", "group_size": 4},
-                                               "rloo": {"algorithm": "rloo", "group_size": 4},
-                                               "reinforce_pp": {"algorithm": "reinforce_pp"}, "dpo": {}}
+# What `--algorithms` may add; each consumes PPO's responses per iteration (GRPO/RLOO: batch_size / 4 prompts × 4).
+EXTRA_ALGORITHMS: dict[str, dict[str, Any]] = {a: {"algorithm": a, "group_size": 4} for a in ("grpo", "rloo")} | {
+    "reinforce_pp": {"algorithm": "reinforce_pp"}, "dpo": {}}
 
 
 def _online(name: str) -> Stage:
     def wire(c: DemoConfig) -> dict[str, Any]:
         # Same SFT, RM, pretraining mix and every other PPO-stage setting, so only the algorithm differs.
-        extra = EXTRA_ALGORITHMS[name]
-        rows = int(c.ppo.get("batch_size", PPOJobConfig.batch_size))
-        group = int(extra.get("group_size", 1))
+        extra, rows = EXTRA_ALGORITHMS[name], int(c.ppo.get("batch_size", PPOJobConfig.batch_size))
         return deep_merge({**_run_named(name)(c), "policy": _paths(c)["sft"], "reward_model": _paths(c)["rm"],
-                           "ptx": {"data": _paths(c)["data"]}, **extra, "batch_size": max(1, rows // group)},
+                           "ptx": {"data": _paths(c)["data"]}, **extra,
+                           "batch_size": max(1, rows // int(extra.get("group_size", 1)))},
                           {k: v for k, v in c.ppo.items() if k not in ("name", "algorithm", "group_size",
                                                                           "batch_size")})
     return Stage(name, f"{name} on Ray actors (critic-free: policy, reference, reward)", wire, job="ppo", only=name)

@@ -50,10 +50,10 @@ def test_algorithms_run_from_the_same_sft_and_rm_and_are_all_evaluated():
     assert planned["grpo"].batch_size * 4 == planned["reinforce_pp"].batch_size == planned["ppo"].batch_size
     # a demo whose PPO consumes another number of responses per iteration: every algorithm follows it
     other, _ = demo.JOB.parse(["--config", str(demo.DEFAULT_CONFIG), "--algorithms", "ppo,grpo,reinforce_pp",
-                               "--set", "ppo.batch_size=48"])
+                               "--set", "ppo.batch_size=128"])
     rows = {p.stage.name: p.cfg.rows for p in demo.plan_stages(other) if p.stage.name in ("ppo", "grpo",
                                                                                           "reinforce_pp")}
-    assert rows == {"ppo": 48, "grpo": 48, "reinforce_pp": 48}
+    assert rows == {"ppo": 128, "grpo": 128, "reinforce_pp": 128}
     assert (planned["dpo"].init_from, planned["dpo"].comparisons) == ("/r/d/sft/checkpoint", "/r/d/comparisons")
     assert planned["eval"].models == {"pretrained": "/r/d/pretrain/checkpoint", "sft": "/r/d/sft/checkpoint",
                                       **{a: f"/r/d/{a}/checkpoint" for a in
