@@ -54,6 +54,7 @@ def main() -> None:
     prompts = [r["prompt"] for r in rows]
     sft_gold = [float(r["sft"]["gold"]) for r in rows]
     model, tok = load_lm(args.run / "sft" / "checkpoint")
+    model.eval()
     rm = load_checkpoint(args.run / "rm" / "checkpoint", kind="reward").eval()
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
     ids = [encode_prompt(tok, p) for p in prompts]
@@ -62,7 +63,7 @@ def main() -> None:
     for j in range(args.n):
         for a in range(0, len(ids), 128):
             rr = list(range(a, min(a + 128, len(ids))))
-            rollout = sample_rollout(model.eval(), [ids[r] for r in rr], rr, [sample_seed(99, "bon", r, j) for r in rr],
+            rollout = sample_rollout(model, [ids[r] for r in rr], rr, [sample_seed(99, "bon", r, j) for r in rr],
                                      sampling, tok.eos_id, 0, "")
             responses = decode_rollout(rollout, tok.decode, tok.eos_id)[1]
             proxy[rr, j] = rm(*reward_inputs(rollout.input_ids, rollout.attention_mask, tok.eos_id)).float()
