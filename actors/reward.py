@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from actors.base import ScoreMeta, device, load_model, score_meta
 from actors.rollout import Rollout
 from cluster.worker_group import DistributedWorker
-from models.diversity import distinct_n, repeated_ngrams
+from models.diversity import distinct_n, repeated_ngrams, word_ids
 from models.ensemble import conservative_score
 from models.heads import last_token_index
 
@@ -70,6 +70,8 @@ class RewardShaping:
     repetition_coef: float = 0.0  # − coef × fraction of the response's token n-grams that repeat (`repeated_ngrams`)
     repetition_n: int = 2
     repetition_across: bool = False  # also count n-grams that another response of the batch contains
+    repetition_unit: Literal["token", "word"] = "token"  # n-grams of tokens, or of the decoded whitespace words
+    repetition_reduction: Literal["mean", "sum"] = "mean"  # fraction of the response's n-grams, or their number
     length_coef: float = 0.0  # − coef × response tokens (a negative coef rewards length)
 
     def __post_init__(self) -> None:
@@ -79,6 +81,10 @@ class RewardShaping:
             raise RewardError("reward.clip / ensemble_k / repetition_coef: must be >= 0")
         if self.repetition_n < 1:
             raise RewardError(f"reward.repetition_n: must be >= 1, got {self.repetition_n}")
+        if self.repetition_unit not in ("token", "word"):
+            raise RewardError(f"reward.repetition_unit: 'token' or 'word', got {self.repetition_unit!r}")
+        if self.repetition_reduction not in ("mean", "sum"):
+            raise RewardError(f"reward.repetition_reduction: 'mean' or 'sum', got {self.repetition_reduction!r}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,8 @@ class RewardSpec:
             raise RewardError(f"reward.components: names must be unique, got {names}")
         if any(c.function is not None for c in self.parts()) and self.tokenizer is None:
             raise RewardError("reward.function: a user reward needs a tokenizer to decode responses")
+        if self.shaping.repetition_coef and self.shaping.repetition_unit == "word" and self.tokenizer is None:
+            raise RewardError("reward.repetition_unit: a penalty on words needs a tokenizer to decode responses")
         if self.shaping.ensemble and sum(c.checkpoint is not None for c in self.parts()) < 2:
             raise RewardError("reward.ensemble: an ensemble needs at least two reward-model checkpoints")
 
@@ -207,7 +215,8 @@ class RewardWorker(DistributedWorker):
                 self.scorers.append(load_model(part.checkpoint, "reward").eval().requires_grad_(False))
             else:
                 self.scorers.append(import_function(part.function or "", f"reward.{part.name}.function"))
-        if any(p.function is not None for p in self.parts):
+        sh = spec.shaping
+        if any(p.function is not None for p in self.parts) or (sh.repetition_coef and sh.repetition_unit == "word"):
             from models.tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(self.spec.tokenizer or "")
@@ -261,8 +270,13 @@ class RewardWorker(DistributedWorker):
         if (sh.repetition_coef or sh.length_coef) and rollout is None:
             raise RewardError("reward: a repetition or length penalty needs the rollout's responses")
         if sh.repetition_coef and rollout is not None:
-            out = out - sh.repetition_coef * repeated_ngrams(rollout.response_ids, rollout.action_mask,
-                                                            sh.repetition_n, sh.repetition_across)
+            if sh.repetition_unit == "word":  # the evaluator's unit: n-grams of the decoded whitespace words
+                assert self.tokenizer is not None
+                ids, mask = word_ids(decode_rollout(rollout, self.tokenizer.decode, self.tokenizer.eos_id)[1])
+            else:
+                ids, mask = rollout.response_ids, rollout.action_mask
+            out = out - sh.repetition_coef * repeated_ngrams(ids, mask, sh.repetition_n, sh.repetition_across,
+                                                            sh.repetition_reduction)
         if sh.length_coef and rollout is not None:
             out = out - sh.length_coef * rollout.action_mask.sum(1).float()
         return out

@@ -5,7 +5,8 @@ Overoptimization") and the penalty that holds it back. One place per formula:
 - `distinct_n` — distinct n-grams over all sequences / all n-grams (Li et al. 2016 §4), corpus level;
 - `repetition_rate` — the fraction of n-grams that repeat an earlier n-gram of the *same* sequence, pooled;
 - `repeated_ngrams` — the same count on token tensors, per row (optionally also counting n-grams that occur in
-  another row of the batch): the reward role's repetition penalty.
+  another row of the batch): the reward role's repetition penalty;
+- `word_ids` — texts as (B, W) word ids, so that penalty counts the evaluator's unit (whitespace-split words).
 
 The first two take any sequences of hashable items (the evaluator passes whitespace-split words); the third takes
 (B, T) token ids with an explicit mask, no Python loop over rows.
@@ -14,6 +15,7 @@ The first two take any sequences of hashable items (the evaluator passes whitesp
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -48,11 +50,15 @@ def repetition_rate(sequences: Sequence[Sequence[Hashable]], n: int) -> float:
     return repeats / total if total else 0.0
 
 
-def repeated_ngrams(ids: Tensor, mask: Tensor, n: int, across_rows: bool = False) -> Tensor:
+def repeated_ngrams(ids: Tensor, mask: Tensor, n: int, across_rows: bool = False,
+                    reduction: Literal["mean", "sum"] = "mean") -> Tensor:
     """(B,) float: per row, the fraction of its n-grams (all n tokens under `mask`) that repeat an earlier n-gram
     of the same row — `repetition_rate` of that row on tokens. With `across_rows`, an n-gram also counts as
     repeated when it occurs anywhere in another row (the batch-level repetition that lowers distinct-n). A row
-    with no n-gram scores 0.
+    with no n-gram scores 0. `reduction="sum"` gives the number of such n-grams instead of their fraction: with
+    `across_rows`, exactly how many fewer repeated n-grams the batch would have without this row — the part of
+    corpus distinct-n's 1 − distinct/total that the row is to blame for, which grows with a long row's length
+    where the fraction does not.
 
     ids: (B, T) token ids; mask: (B, T) 1 on the tokens to read (e.g. the response's action mask)."""
     _check_n(n)
@@ -72,6 +78,26 @@ def repeated_ngrams(ids: Tensor, mask: Tensor, n: int, across_rows: bool = False
         other = (flat[:, None, :] == flat[None, :, :]).all(-1) & fvalid[:, None] & fvalid[None, :] \
             & (row[:, None] != row[None, :])
         repeated = repeated | other.any(1).reshape(b, tp)
+    if reduction == "sum":
+        return (repeated & valid).sum(1).float()
+    if reduction != "mean":
+        raise ValueError(f"reduction: 'mean' or 'sum', got {reduction!r}")
     count = valid.sum(1)
     return torch.where(count > 0, (repeated & valid).sum(1).float() / count.clamp(min=1).float(),
                        torch.zeros(b, dtype=torch.float32, device=ids.device))
+
+
+def word_ids(texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """((B, W) int64 ids, (B, W) mask) of each text's whitespace-split words — the unit `distinct_n` is measured
+    in by the evaluator — with ids from a vocabulary of this call's words (equal words, equal ids), right-padded
+    to the longest text. `repeated_ngrams` on these counts word n-grams: on tokens, a shared sub-word piece
+    ("," + newline, the pieces of a long word) counts as a repeat that distinct-2 over words never sees."""
+    vocab: dict[str, int] = {}
+    rows = [[vocab.setdefault(w, len(vocab)) for w in t.split()] for t in texts]
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[b, :len(r)] = 1
+    return ids, mask

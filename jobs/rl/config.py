@@ -396,7 +396,8 @@ def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: in
                                         behaviour_cap=cfg.loss.behaviour_cap if cfg.max_staleness else None)),
         reference=ReferenceSpec(policy_dir, temperature=s.temperature),
         reward=RewardSpec(components=tuple(components), eos_id=eos_id, shaping=cfg.mitigation.shaping(),
-                          tokenizer=tokenizer_path if any(c.function for c in components) else None),
+                          tokenizer=tokenizer_path if any(c.function for c in components)
+                          or cfg.mitigation.repetition_unit == "word" else None),
         value=ValueSpec(value_init, value_engine, epochs=p.epochs, minibatch_size=p.minibatch_size // n_value,
                         clip_eps=p.value_clip, seed=cfg.seed),
         rollout=RolloutWorkerSpec(policy_dir, sampling, eos_id, engine=cfg.engine),

@@ -39,6 +39,12 @@ class MitigationConfig:
     repetition_n: int = field(2, help="n of the repetition penalty (and of the reward/repetition metric)")
     repetition_scope: Literal["response", "batch"] = field(
         "response", help="response: repeats within the response; batch: also n-grams another response contains")
+    repetition_unit: Literal["token", "word"] = field(
+        "token", help="token: n-grams of token ids; word: of the decoded whitespace-split words (what the "
+                      "evaluator's distinct-n counts; the reward role decodes with the policy's tokenizer)")
+    repetition_reduction: Literal["mean", "sum"] = field(
+        "mean", help="mean: the penalty is coef × the fraction of the response's n-grams that repeat; sum: coef × "
+                     "their number (with scope batch: the repeated n-grams the response adds to the batch)")
     length_penalty: float = field(0.0, help="subtract coef × response tokens (negative rewards length)")
     stop_kl: float = field(0.0, help="stop rule: end the run when the training KL per response exceeds this for "
                                      "stop_patience iterations in a row (0 = off)")
@@ -59,7 +65,9 @@ class MitigationConfig:
     def shaping(self) -> RewardShaping:
         return RewardShaping(ensemble=self.ensemble, ensemble_k=self.ensemble_k, normalize=self.normalize,
                              clip=self.clip, repetition_coef=self.repetition_penalty, repetition_n=self.repetition_n,
-                             repetition_across=self.repetition_scope == "batch", length_coef=self.length_penalty)
+                             repetition_across=self.repetition_scope == "batch",
+                             repetition_unit=self.repetition_unit, repetition_reduction=self.repetition_reduction,
+                             length_coef=self.length_penalty)
 
 
 @dataclass

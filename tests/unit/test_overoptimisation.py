@@ -6,6 +6,7 @@ the stop rule on hand-made signal sequences, and the Gao-style report plot. Tiny
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,12 @@ from actors.base import sample_rollout
 from actors.reward import RewardComponent, RewardError, RewardShaping, RewardSpec, RewardWorker
 from jobs.config import ConfigError, from_dict
 from jobs.report import plot_overoptimisation
-from jobs.rl.config import PPOJobConfig
+from jobs.rl.config import PPOJobConfig, role_specs
 from jobs.rl.mitigation import MitigationConfig, StopRule
 from jobs.rl.monitor import Monitor
 from models.checkpoint import save_checkpoint
 from models.config import GPTConfig
-from models.diversity import distinct_n, repeated_ngrams, repetition_rate
+from models.diversity import distinct_n, repeated_ngrams, repetition_rate, word_ids
 from models.ensemble import conservative_score, ensemble_members, load_ensemble, write_ensemble
 from models.generation import SamplingParams
 from models.gpt import GPT
@@ -55,6 +56,43 @@ def test_repeated_ngrams_on_tokens_matches_the_word_count_per_row() -> None:
     across = repeated_ngrams(ids, mask, 2, across_rows=True)
     assert across.tolist() == pytest.approx([2 / 4, 1 / 3, 3 / 5])
     assert repeated_ngrams(ids[:, :1], mask[:, :1], 2).tolist() == [0.0, 0.0, 0.0]  # no bigram at all
+
+
+def test_word_ids_count_the_evaluators_words() -> None:
+    texts = [" love the love the", "O love the day\n", "", "day"]
+    ids, mask = word_ids(texts)
+    assert ids.shape == (4, 4) and mask.sum(1).tolist() == [4, 4, 0, 1]
+    assert ids[0, :4].tolist() == [0, 1, 0, 1] and ids[1, :4].tolist() == [2, 0, 1, 3] and ids[3, 0] == 3
+    # the per-row penalty on word ids, against the count written out on the split words
+    within = repeated_ngrams(ids, mask, 2)
+    assert_close(within, torch.tensor([repetition_rate([t.split()], 2) for t in texts]))
+    across = repeated_ngrams(ids, mask, 2, across_rows=True)
+    # row 0: (love the) is in row 1, (the love) repeats nothing, (love the) again → 2/3; row 1: (love the) → 1/3
+    assert across.tolist() == pytest.approx([2 / 3, 1 / 3, 0.0, 0.0])
+    assert word_ids([])[0].shape == (0, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_summed_batch_repeats_are_each_rows_share_of_distinct2(seed: int) -> None:
+    """reduction="sum" with across_rows: per row, how many fewer repeated bigrams (total − distinct, the numerator
+    of 1 − distinct-2) the batch has without that row — checked by leaving each row out of `distinct_n`."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 4, (6, 7), generator=g)  # a 4-word vocabulary: bigrams collide within and across rows
+    lengths = torch.randint(0, 8, (6,), generator=g)
+    mask = (torch.arange(7)[None, :] < lengths[:, None]).long()
+    rows = [r[:int(k)].tolist() for r, k in zip(ids, lengths)]
+
+    def repeats(seqs: list[list[int]]) -> float:
+        total = sum(max(len(s) - 1, 0) for s in seqs)
+        return total - distinct_n(seqs, 2) * total
+
+    got = repeated_ngrams(ids, mask, 2, across_rows=True, reduction="sum")
+    want = [repeats(rows) - repeats(rows[:i] + rows[i + 1:]) for i in range(len(rows))]
+    assert got.tolist() == pytest.approx(want)
+    count = torch.clamp(lengths - 1, min=0).float()
+    assert_close(got, repeated_ngrams(ids, mask, 2, across_rows=True) * count)  # the mean × the row's n-grams
+    with pytest.raises(ValueError, match="reduction: 'mean' or 'sum'"):
+        repeated_ngrams(ids, mask, 2, reduction="max")  # type: ignore[arg-type]
 
 
 # --- the reward role's shaping -------------------------------------------------------------------------------------
@@ -93,6 +131,31 @@ def test_repetition_penalty_lowers_the_reward_of_a_repetitive_response(tiny: dic
     assert penalised[0] < plain[0] and penalised[1] == plain[1]
     longer = worker(tiny, RewardShaping(length_coef=0.1)).scores(rollout)
     assert_close(longer, plain - 0.1 * 6)
+
+
+
+def test_repetition_penalty_on_words_decodes_the_responses(tiny: dict) -> None:
+    rollout, tok = tiny["rollout"], tiny["tok"]
+    spec = RewardSpec(components=(RewardComponent("rm", str(tiny["rms"][0])),), eos_id=tok.eos_id,
+                      tokenizer=str(tiny["root"] / "rm0" / "checkpoint" / "tokenizer.json"),
+                      shaping=RewardShaping(repetition_coef=2.0, repetition_across=True, repetition_unit="word"))
+    plain = worker(tiny, RewardShaping()).scores(rollout)
+    words = [tok.decode(r.tolist()).split() for r in rollout.response_ids]
+    assert words[0] == ["love", "heart"] * 3 and words[1][:2] == ["love", "heart"]
+    # row 0: (love heart) is also in row 1, (heart love) is not, then 3 repeats of its own → 4/5; row 1: 1/5
+    assert_close(RewardWorker(spec).scores(rollout), plain - 2.0 * torch.tensor([4 / 5, 1 / 5]))
+    summed = replace(spec, shaping=replace(spec.shaping, repetition_reduction="sum"))
+    assert_close(RewardWorker(summed).scores(rollout), plain - 2.0 * torch.tensor([4.0, 1.0]))  # the counts
+    with pytest.raises(RewardError, match="repetition_unit: a penalty on words needs a tokenizer"):
+        RewardSpec(checkpoint=str(tiny["rms"][0]), shaping=RewardShaping(repetition_coef=1.0, repetition_unit="word"))
+    # the job config: the word unit hands the reward role the tokenizer; a bad value names its field
+    cfg = from_dict(PPOJobConfig, {"reward_model": str(tiny["rms"][0]), "mitigation": {
+        "repetition_penalty": 1.0, "repetition_unit": "word", "repetition_reduction": "sum"}})
+    reward = role_specs(cfg, tok.eos_id, "tok.json", 1, 1).reward
+    assert reward.tokenizer == "tok.json" and reward.shaping.repetition_reduction == "sum"
+    for key, bad in (("repetition_unit", "char"), ("repetition_reduction", "max")):
+        with pytest.raises(ConfigError, match=key):
+            from_dict(MitigationConfig, {key: bad})
 
 
 def test_clip_normalise_and_conservative_ensemble_by_hand(tiny: dict) -> None:
