@@ -58,6 +58,11 @@ class PolicyGroup(WorkerGroup[PolicyWorker]):
         refs = [a.weights.remote() for a in self.actors]
         return refs[0]
 
+    def averaged_weights(self) -> Ref:
+        """The tail-averaged weights (rank 0's message; PolicyWorker.averaged_weights)."""
+        refs = [a.averaged_weights.remote() for a in self.actors]
+        return refs[0]
+
     def weights_info(self) -> list[Ref]:
         return [a.weights_info.remote() for a in self.actors]
 

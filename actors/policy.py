@@ -70,6 +70,9 @@ class PPOUpdateSpec:
     # Bounded-staleness async RL (jobs/rl/staleness.py): None = on-policy; a float = the truncation cap of the
     # behaviour importance weight of the decoupled objective (models/losses.py `policy_loss`).
     behaviour_cap: float | None = None
+    # Tail averaging (Polyak & Juditsky 1992; SWA, Izmailov et al. 2018): from this 0-based iteration on, keep the
+    # running mean of the weights after each update; `averaged_weights` exports it. None = off.
+    average_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,20 +113,27 @@ class PolicyWorker(DistributedWorker):
         self.engine: Any = None
         self.version = 0
         self.info: WeightsInfo | None = None  # the last weights_info: valid until the weights change
+        # spec.update.average_from: the number of updates averaged (every rank) and their fp32 sum (rank 0 only);
+        # saved with the engine, so a resumed or recovered run averages the same iterations
+        self.averaged: int = 0
+        self.average_sum: dict[str, torch.Tensor] | None = None
 
     # --- life cycle -------------------------------------------------------------------------------------------
     def setup(self, snapshot: tuple[str, str] | None = None) -> WeightsInfo:
         """Collective: build the engine from the SFT checkpoint, then restore `(directory, tag)` if given."""
         model = load_model(self.spec.checkpoint, "lm")
         self.engine = initialize(model, self.spec.engine)
-        self.version = 0
+        self.version, self.averaged, self.average_sum = 0, 0, None
         if snapshot is not None:
-            self.version = int(load_engine(self.engine, *snapshot)["version"])
+            state = load_engine(self.engine, *snapshot)  # rank 0's client state, read by every rank
+            self.version, self.averaged = int(state["version"]), int(state.get("averaged", 0))
+            self.average_sum = state.get("average_sum") if self.rank == 0 else None
         return self.weights_info()
 
     def save(self, directory: str, tag: str) -> None:
-        """Collective: model + optimizer state + version under directory/tag."""
-        save_engine(self.engine, directory, tag, {"version": self.version})
+        """Collective: model + optimizer state + version (and the running weight average) under directory/tag."""
+        save_engine(self.engine, directory, tag,
+                    {"version": self.version, "averaged": self.averaged, "average_sum": self.average_sum})
 
     def weights_info(self) -> WeightsInfo:
         """Collective under ZeRO/bf16: version and checksum of the current weights (kept for `generate`: setup and
@@ -138,6 +148,32 @@ class PolicyWorker(DistributedWorker):
             return None
         arrays = {k: v.numpy() for k, v in state.items()}
         return WeightsMessage(self.version, weights_checksum(arrays), arrays)
+
+    def averaged_weights(self) -> WeightsMessage | None:
+        """Collective: the mean of the weights after each update since `average_from` (the last weights if none
+        was averaged yet), on rank 0 (None elsewhere) — what a run with ppo.average_last exports."""
+        if self.averaged == 0:
+            return self.weights()
+        if self.rank != 0 or self.average_sum is None:
+            return None
+        arrays = {k: (v / self.averaged).numpy() for k, v in self.average_sum.items()}
+        return WeightsMessage(self.version, weights_checksum(arrays), arrays)
+
+    def _accumulate(self, iteration: int) -> None:
+        """Collective (the gather): add the weights after this iteration's update to the running average. Averaging
+        iterates cancels the part of each step that is sampling noise — a random walk that moves π away from the
+        SFT model (KL) without buying reward — and keeps the drift they share (docs/OVEROPTIMISATION.md)."""
+        start = self.spec.update.average_from
+        if start is None or iteration < start:
+            return
+        state = full_state_dict(self.engine)
+        self.averaged += 1
+        if self.rank != 0:
+            return
+        if self.average_sum is None:
+            self.average_sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
+        for k, v in state.items():
+            self.average_sum[k] += v.float()
 
     # --- PPO --------------------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], row_index: list[int], seeds: list[int], n: int = 1
@@ -224,6 +260,7 @@ class PolicyWorker(DistributedWorker):
                 step += 1
         packed.invalidate(eng.module)  # ZeRO wrote the new weights through .data: drop the sampler's packed copy
         self.version += 1
+        self._accumulate(iteration)
         metrics = {**{k: v / steps for k, v in sums.items()}, **gap}
         return UpdateResult(metrics, self.weights_info())
 

@@ -64,6 +64,9 @@ class PPOConfig:
                                           "minus c₂ · the token-mean entropy of π (0 = off, as in TRL)")
     zero_stage: int = field(0, help="DeepSpeed ZeRO stage of policy and value (0-3; 3 needs rollout workers)")
     precision: Literal["auto", "fp32", "bf16"] = field("auto", help="auto = bf16 on GPU, fp32 on CPU")
+    average_last: int = field(0, help="export the mean of the policy's weights after each of the last N iterations "
+                                      "(tail averaging, as in SWA; 0 = the last weights); sampling and the "
+                                      "held-out monitor use the current weights")
 
 
 # algorithm → its advantage estimator (models/advantages.py ADVANTAGE_ESTIMATORS); docs/ALGORITHMS.md.
@@ -240,6 +243,9 @@ class PPOJobConfig:
             raise ConfigError(f"ptx.coef: must be >= 0, got {self.ptx.coef}")
         if not self.ppo.entropy_coef >= 0:
             raise ConfigError(f"ppo.entropy_coef: must be >= 0, got {self.ppo.entropy_coef}")
+        if not 0 <= self.ppo.average_last <= self.iterations:
+            raise ConfigError(f"ppo.average_last: must be in [0, iterations={self.iterations}], got "
+                              f"{self.ppo.average_last}")
         if self.ptx.coef > 0 and self.ptx.batch_size % spec.roles["policy"].replicas:
             raise ConfigError(f"ptx.batch_size: {self.ptx.batch_size} is not divisible by the policy replicas")
         if self.ppo.zero_stage == 3 and self.generators(spec)[0] == "policy":
@@ -393,7 +399,8 @@ def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: in
                                         clip_low=cfg.loss.clip_low,
                                         clip_high=cfg.loss.clip_high, loss_agg=agg,
                                         max_response_len=norm,
-                                        behaviour_cap=cfg.loss.behaviour_cap if cfg.max_staleness else None)),
+                                        behaviour_cap=cfg.loss.behaviour_cap if cfg.max_staleness else None,
+                                        average_from=cfg.iterations - p.average_last if p.average_last else None)),
         reference=ReferenceSpec(policy_dir, temperature=s.temperature),
         reward=RewardSpec(components=tuple(components), eos_id=eos_id, shaping=cfg.mitigation.shaping(),
                           tokenizer=tokenizer_path if any(c.function for c in components)

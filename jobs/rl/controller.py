@@ -567,7 +567,9 @@ class Controller(AsyncRollouts):
         # A task on the weights ref, on this node (the run directory's): the weights never pass through the driver.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         export = ray.remote(export_policy).options(num_cpus=0, scheduling_strategy=here, max_retries=1)
-        checkpoint = ray.get(export.remote(self.policy.weights(), self.cfg, self.run_dir / "checkpoint",
+        # ppo.average_last: the tail average of the weights (PolicyWorker.averaged_weights), else the last ones.
+        weights = self.policy.averaged_weights() if self.cfg.ppo.average_last else self.policy.weights()
+        checkpoint = ray.get(export.remote(weights, self.cfg, self.run_dir / "checkpoint",
                                            self.tokenizer_path), timeout=self.cfg.fault.stage_timeout_s)
         summary: dict[str, Any] = {"checkpoint": str(checkpoint), "iterations": self.cfg.iterations,
                                    "recoveries": self.recoveries, "startup_s": round(self.timings.get("startup", 0), 2)}
