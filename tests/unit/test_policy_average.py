@@ -8,71 +8,56 @@ iteration and rejects N outside [0, iterations].
 
 from __future__ import annotations
 
-import os
-import tempfile
-import traceback
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from one_rank import run_one_rank
 
 VOCAB = 61
 
 
-def _worker(path: str, store: str, state_dir: str, results: Any, errors: Any) -> None:
-    try:
-        import torch.distributed as dist
+def _body(path: str, state_dir: str) -> dict[str, Any]:
+    from actors.base import load_model, sample_rollout
+    from actors.policy import PolicySpec, PolicyWorker, PPOUpdateSpec
+    from cluster.deepspeed_engine import EngineSpec, OptimConfig, full_state_dict
+    from models.generation import SamplingParams
 
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")  # never bound: the group exists before DeepSpeed looks
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-        from actors.base import load_model, sample_rollout
-        from actors.policy import PolicySpec, PolicyWorker, PPOUpdateSpec
-        from cluster.deepspeed_engine import EngineSpec, OptimConfig, full_state_dict
-        from models.generation import SamplingParams
+    sampling = SamplingParams(max_new_tokens=5, temperature=1.0)
+    rollout = sample_rollout(load_model(path, "lm"), [[1, 2, 3], [4, 5]], [0, 1], [0, 1], sampling, 0, 0, "")
+    rollout = rollout.replace(advantages=torch.randn(rollout.action_mask.shape,
+                                                     generator=torch.Generator().manual_seed(1)))
+    optim = OptimConfig.constant(1e-2, weight_decay=0.0, grad_clip=0.0, micro_batch_size=2)
 
-        sampling = SamplingParams(max_new_tokens=5, temperature=1.0)
-        rollout = sample_rollout(load_model(path, "lm"), [[1, 2, 3], [4, 5]], [0, 1], [0, 1], sampling, 0, 0, "")
-        rollout = rollout.replace(advantages=torch.randn(rollout.action_mask.shape,
-                                                         generator=torch.Generator().manual_seed(1)))
-        optim = OptimConfig.constant(1e-2, weight_decay=0.0, grad_clip=0.0, micro_batch_size=2)
+    def worker(average_from: int | None) -> Any:
+        w = PolicyWorker(PolicySpec(path, EngineSpec(optim, precision="fp32"), sampling, 0,
+                                    PPOUpdateSpec(epochs=1, minibatch_size=2, average_from=average_from)))
+        w.setup()
+        return w
 
-        def worker(average_from: int | None) -> Any:
-            w = PolicyWorker(PolicySpec(path, EngineSpec(optim, precision="fp32"), sampling, 0,
-                                        PPOUpdateSpec(epochs=1, minibatch_size=2, average_from=average_from)))
-            w.setup()
-            return w
+    def state(w: Any) -> dict[str, np.ndarray]:
+        return {k: v.clone().numpy() for k, v in full_state_dict(w.engine).items()}
 
-        def state(w: Any) -> dict[str, np.ndarray]:
-            return {k: v.clone().numpy() for k, v in full_state_dict(w.engine).items()}
-
-        out: dict[str, Any] = {"after": []}
-        w = worker(average_from=1)
-        for it in range(3):  # updates 0, 1, 2: the average covers 1 and 2
-            w.update(rollout, None, iteration=it)
-            out["after"].append(state(w))
-        out["averaged"] = w.averaged_weights().state
-        out["last"] = w.weights().state
-        w.save(state_dir, "iter-000003")
-        restored = worker(average_from=1)
-        restored.setup((state_dir, "iter-000003"))
-        out["restored"] = restored.averaged_weights().state
-        for x in (w, restored):  # one more update on each: both average 1, 2 and 3
-            x.update(rollout, None, iteration=3)
+    out: dict[str, Any] = {"after": []}
+    w = worker(average_from=1)
+    for it in range(3):  # updates 0, 1, 2: the average covers 1 and 2
+        w.update(rollout, None, iteration=it)
         out["after"].append(state(w))
-        out["continued"], out["restored_continued"] = w.averaged_weights().state, restored.averaged_weights().state
-        off = worker(average_from=None)
-        off.update(rollout, None, iteration=0)
-        out["off"], out["off_last"] = off.averaged_weights().state, off.weights().state
-        results.put(out)
-        dist.destroy_process_group()
-    except BaseException:
-        errors.put(traceback.format_exc())
-        raise
+    out["averaged"] = w.averaged_weights().state
+    out["last"] = w.weights().state
+    w.save(state_dir, "iter-000003")
+    restored = worker(average_from=1)
+    restored.setup((state_dir, "iter-000003"))
+    out["restored"] = restored.averaged_weights().state
+    for x in (w, restored):  # one more update on each: both average 1, 2 and 3
+        x.update(rollout, None, iteration=3)
+    out["after"].append(state(w))
+    out["continued"], out["restored_continued"] = w.averaged_weights().state, restored.averaged_weights().state
+    off = worker(average_from=None)
+    off.update(rollout, None, iteration=0)
+    out["off"], out["off_last"] = off.averaged_weights().state, off.weights().state
+    return out
 
 
 def test_averaged_weights_are_the_mean_of_the_last_updates_and_survive_a_restore(tmp_path) -> None:
@@ -83,17 +68,7 @@ def test_averaged_weights_are_the_mean_of_the_last_updates_and_survive_a_restore
     torch.manual_seed(0)
     cfg = GPTConfig.from_name("nano", vocab_size=VOCAB, eos_token_id=0, bos_token_id=0)
     path = str(save_checkpoint(GPT(cfg), tmp_path / "sft", kind="lm"))
-    ctx = mp.get_context("spawn")
-    results, errors = ctx.Queue(), ctx.Queue()
-    with tempfile.TemporaryDirectory() as d:
-        proc = ctx.Process(target=_worker, args=(path, os.path.join(d, "store"), str(tmp_path / "state"),
-                                                  results, errors))
-        proc.start()
-        try:
-            out = results.get(timeout=300)
-        finally:
-            proc.join(timeout=60)
-    assert errors.empty(), errors.get()
+    out = run_one_rank(_body, path, str(tmp_path / "state"))
 
     after = out["after"]
     names = list(after[0])

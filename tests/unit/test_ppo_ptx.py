@@ -12,13 +12,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-import traceback
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
+from one_rank import run_one_rank
 
 # ε large enough that the first (sign-like) Adam step does not amplify float round-off in tiny gradients
 LR, BETAS, EPS = 1e-2, (0.9, 0.95), 1e-4
@@ -73,45 +70,34 @@ def _hand_update(path: str, rollout: Any, block: torch.Tensor, gamma: float, ent
     return out
 
 
-def _worker(path: str, store: str, results: Any, errors: Any) -> None:
-    try:
-        import numpy as np
-        import torch.distributed as dist
+def _body(path: str) -> dict[str, Any]:
+    import numpy as np
 
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")  # never bound: the group exists before DeepSpeed looks
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-        from actors.base import load_model
-        from actors.policy import PolicySpec, PolicyWorker, PPOUpdateSpec
-        from cluster.deepspeed_engine import EngineSpec, OptimConfig, full_state_dict
-        from models.generation import SamplingParams
+    from actors.base import load_model
+    from actors.policy import PolicySpec, PolicyWorker, PPOUpdateSpec
+    from cluster.deepspeed_engine import EngineSpec, OptimConfig, full_state_dict
+    from models.generation import SamplingParams
 
-        rollout = _rollout(load_model(path, "lm"))
-        block = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
-        ptx = block.numpy()[None].astype(np.int64)  # (steps=1, rows=2, block+1=9)
-        with torch.no_grad():
-            out: dict[str, Any] = {"hand_ce": float(hand_lm_loss(load_model(path, "lm"), block))}
-        for name, gamma, batch, ent in (("g0", 0.0, ptx, 0.0), ("g05", 0.5, ptx, 0.0), ("g2", 2.0, ptx, 0.0),
-                                        ("none", 0.5, None, 0.0), ("ent", 0.0, None, 0.5)):
-            optim = OptimConfig(lr=LR, min_lr_ratio=1.0, warmup_steps=0, max_steps=1, weight_decay=0.0,
-                                betas=list(BETAS), eps=EPS, grad_clip=0.0, micro_batch_size=4, grad_accum=1)
-            spec = PolicySpec(path, EngineSpec(optim, precision="fp32"), SamplingParams(temperature=1.0), 0,
-                              PPOUpdateSpec(epochs=1, minibatch_size=4, ptx_coef=gamma, entropy_coef=ent))
-            worker = PolicyWorker(spec)
-            worker.setup()
-            res = worker.update(rollout, batch, iteration=0)
-            weights = {k: v.clone() for k, v in full_state_dict(worker.engine).items()}
-            out[name] = (res.metrics, {k: v.numpy() for k, v in weights.items()})
-        out["hand_g0"] = {k: v.numpy() for k, v in _hand_update(path, rollout, block, 0.0).items()}
-        out["hand_g05"] = {k: v.numpy() for k, v in _hand_update(path, rollout, block, 0.5).items()}
-        out["hand_ent"] = {k: v.numpy() for k, v in _hand_update(path, rollout, block, 0.0, entropy=0.5).items()}
-        results.put(out)
-        dist.destroy_process_group()
-    except BaseException:
-        errors.put(traceback.format_exc())
-        raise
+    rollout = _rollout(load_model(path, "lm"))
+    block = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    ptx = block.numpy()[None].astype(np.int64)  # (steps=1, rows=2, block+1=9)
+    with torch.no_grad():
+        out: dict[str, Any] = {"hand_ce": float(hand_lm_loss(load_model(path, "lm"), block))}
+    for name, gamma, batch, ent in (("g0", 0.0, ptx, 0.0), ("g05", 0.5, ptx, 0.0), ("g2", 2.0, ptx, 0.0),
+                                    ("none", 0.5, None, 0.0), ("ent", 0.0, None, 0.5)):
+        optim = OptimConfig(lr=LR, min_lr_ratio=1.0, warmup_steps=0, max_steps=1, weight_decay=0.0,
+                            betas=list(BETAS), eps=EPS, grad_clip=0.0, micro_batch_size=4, grad_accum=1)
+        spec = PolicySpec(path, EngineSpec(optim, precision="fp32"), SamplingParams(temperature=1.0), 0,
+                          PPOUpdateSpec(epochs=1, minibatch_size=4, ptx_coef=gamma, entropy_coef=ent))
+        worker = PolicyWorker(spec)
+        worker.setup()
+        res = worker.update(rollout, batch, iteration=0)
+        weights = {k: v.clone() for k, v in full_state_dict(worker.engine).items()}
+        out[name] = (res.metrics, {k: v.numpy() for k, v in weights.items()})
+    out["hand_g0"] = {k: v.numpy() for k, v in _hand_update(path, rollout, block, 0.0).items()}
+    out["hand_g05"] = {k: v.numpy() for k, v in _hand_update(path, rollout, block, 0.5).items()}
+    out["hand_ent"] = {k: v.numpy() for k, v in _hand_update(path, rollout, block, 0.0, entropy=0.5).items()}
+    return out
 
 
 def test_ptx_loss_is_the_lm_loss_and_its_coefficient_scales_its_share_of_the_update(tmp_path) -> None:
@@ -122,16 +108,7 @@ def test_ptx_loss_is_the_lm_loss_and_its_coefficient_scales_its_share_of_the_upd
     torch.manual_seed(0)
     cfg = GPTConfig.from_name("nano", vocab_size=VOCAB, eos_token_id=0, bos_token_id=0)
     path = str(save_checkpoint(GPT(cfg), tmp_path / "sft", kind="lm"))
-    ctx = mp.get_context("spawn")
-    results, errors = ctx.Queue(), ctx.Queue()
-    with tempfile.TemporaryDirectory() as d:
-        proc = ctx.Process(target=_worker, args=(path, os.path.join(d, "store"), results, errors))
-        proc.start()
-        try:
-            out = results.get(timeout=300)
-        finally:
-            proc.join(timeout=60)
-    assert errors.empty(), errors.get()
+    out = run_one_rank(_body, path)
 
     # the reported ptx loss is the cross entropy on the block at the weights before the step
     assert "ptx_loss" not in out["g0"][0] and "ptx_loss" not in out["none"][0]
