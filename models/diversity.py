@@ -78,12 +78,13 @@ def repeated_ngrams(ids: Tensor, mask: Tensor, n: int, across_rows: bool = False
         other = (flat[:, None, :] == flat[None, :, :]).all(-1) & fvalid[:, None] & fvalid[None, :] \
             & (row[:, None] != row[None, :])
         repeated = repeated | other.any(1).reshape(b, tp)
+    hits = (repeated & valid).sum(1).float()
     if reduction == "sum":
-        return (repeated & valid).sum(1).float()
+        return hits
     if reduction != "mean":
         raise ValueError(f"reduction: 'mean' or 'sum', got {reduction!r}")
     count = valid.sum(1)
-    return torch.where(count > 0, (repeated & valid).sum(1).float() / count.clamp(min=1).float(),
+    return torch.where(count > 0, hits / count.clamp(min=1).float(),
                        torch.zeros(b, dtype=torch.float32, device=ids.device))
 
 
