@@ -86,6 +86,11 @@ class RewardShaping:
         if self.repetition_reduction not in ("mean", "sum"):
             raise RewardError(f"reward.repetition_reduction: 'mean' or 'sum', got {self.repetition_reduction!r}")
 
+    @property
+    def decodes(self) -> bool:
+        """The shaping reads the decoded responses (a penalty on words), so the reward role needs a tokenizer."""
+        return bool(self.repetition_coef) and self.repetition_unit == "word"
+
 
 @dataclass(frozen=True)
 class RewardSpec:
@@ -109,7 +114,7 @@ class RewardSpec:
             raise RewardError(f"reward.components: names must be unique, got {names}")
         if any(c.function is not None for c in self.parts()) and self.tokenizer is None:
             raise RewardError("reward.function: a user reward needs a tokenizer to decode responses")
-        if self.shaping.repetition_coef and self.shaping.repetition_unit == "word" and self.tokenizer is None:
+        if self.shaping.decodes and self.tokenizer is None:
             raise RewardError("reward.repetition_unit: a penalty on words needs a tokenizer to decode responses")
         if self.shaping.ensemble and sum(c.checkpoint is not None for c in self.parts()) < 2:
             raise RewardError("reward.ensemble: an ensemble needs at least two reward-model checkpoints")
@@ -215,8 +220,7 @@ class RewardWorker(DistributedWorker):
                 self.scorers.append(load_model(part.checkpoint, "reward").eval().requires_grad_(False))
             else:
                 self.scorers.append(import_function(part.function or "", f"reward.{part.name}.function"))
-        sh = spec.shaping
-        if any(p.function is not None for p in self.parts) or (sh.repetition_coef and sh.repetition_unit == "word"):
+        if any(p.function is not None for p in self.parts) or spec.shaping.decodes:
             from models.tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(self.spec.tokenizer or "")
@@ -270,7 +274,7 @@ class RewardWorker(DistributedWorker):
         if (sh.repetition_coef or sh.length_coef) and rollout is None:
             raise RewardError("reward: a repetition or length penalty needs the rollout's responses")
         if sh.repetition_coef and rollout is not None:
-            if sh.repetition_unit == "word":  # the evaluator's unit: n-grams of the decoded whitespace words
+            if sh.decodes:  # the evaluator's unit: n-grams of the decoded whitespace words
                 assert self.tokenizer is not None
                 ids, mask = word_ids(decode_rollout(rollout, self.tokenizer.decode, self.tokenizer.eos_id)[1])
             else:

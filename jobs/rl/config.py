@@ -388,6 +388,7 @@ def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: in
     policy_engine, value_engine = engine(p.policy_lr, n_policy), engine(p.value_lr, n_value)
     policy_dir = abspath(cfg.policy) or ""
     components = cfg.reward_components()
+    shaping = cfg.mitigation.shaping()
     models = [c.checkpoint for c in components if c.checkpoint is not None]
     value_init = abspath(cfg.value_init) or (models[0] if models else None) or policy_dir
     agg = cfg.loss_agg
@@ -402,9 +403,9 @@ def role_specs(cfg: PPOJobConfig, eos_id: int, tokenizer_path: str, n_policy: in
                                         behaviour_cap=cfg.loss.behaviour_cap if cfg.max_staleness else None,
                                         average_from=cfg.iterations - p.average_last if p.average_last else None)),
         reference=ReferenceSpec(policy_dir, temperature=s.temperature),
-        reward=RewardSpec(components=tuple(components), eos_id=eos_id, shaping=cfg.mitigation.shaping(),
-                          tokenizer=tokenizer_path if any(c.function for c in components)
-                          or cfg.mitigation.repetition_unit == "word" else None),
+        reward=RewardSpec(components=tuple(components), eos_id=eos_id, shaping=shaping,
+                          tokenizer=tokenizer_path if any(c.function for c in components) or shaping.decodes
+                          else None),
         value=ValueSpec(value_init, value_engine, epochs=p.epochs, minibatch_size=p.minibatch_size // n_value,
                         clip_eps=p.value_clip, seed=cfg.seed),
         rollout=RolloutWorkerSpec(policy_dir, sampling, eos_id, engine=cfg.engine),

@@ -133,7 +133,6 @@ def test_repetition_penalty_lowers_the_reward_of_a_repetitive_response(tiny: dic
     assert_close(longer, plain - 0.1 * 6)
 
 
-
 def test_repetition_penalty_on_words_decodes_the_responses(tiny: dict) -> None:
     rollout, tok = tiny["rollout"], tiny["tok"]
     spec = RewardSpec(components=(RewardComponent("rm", str(tiny["rms"][0])),), eos_id=tok.eos_id,
